@@ -50,36 +50,41 @@ class Case:
                 f"{extra} {'causal' if self.causal else 'full'} {self.dtype}")
 
 
-def grid(smoke: bool, families, seqs=None, head_dims=None, tokens: int = 32768) -> list[Case]:
+def grid(smoke: bool, families, seqs=None, head_dims=None, tokens: int = 32768, causal=(True, False),
+         windows=None, densities=None, mechanisms=None) -> list[Case]:
     """The shape grid. Full: seq 1k-32k at a constant token count per batch, head_dim 64/128, causal and full,
     windows of 512 and 2048 keys, block densities 10/25/50 % (128-blocks), the gated linear recurrences in
-    bf16. Smoke: the same structure at tiny shapes in float32."""
+    bf16. Smoke: the same structure at tiny shapes in float32. Every argument left None takes the grid's
+    default; the others cut the grid (a run must fit a machine's time limit)."""
     if smoke:
         seqs, head_dims, heads, dtype = seqs or (64, 128), head_dims or (16,), 2, "float32"
-        windows, densities, block, mechanisms = (16,), (0.5,), 16, ("simple_gla",)
+        windows, densities, block = windows or (16,), densities or (0.5,), 16
+        mechanisms = mechanisms or ("simple_gla",)
     else:
         seqs = seqs or (1024, 2048, 4096, 8192, 16384, 32768)
         head_dims, heads, dtype = head_dims or (64, 128), 16, "bfloat16"
-        windows, densities, block, mechanisms = (512, 2048), (0.1, 0.25, 0.5), 128, LINEAR_MECHANISMS
+        windows, densities, block = windows or (512, 2048), densities or (0.1, 0.25, 0.5), 128
+        mechanisms = mechanisms or LINEAR_MECHANISMS
     cases = []
     for seq in seqs:
         batch = 1 if smoke else max(1, tokens // seq)
         for d in head_dims:
             base = dict(batch=batch, seq=seq, heads=heads, head_dim=d, dtype=dtype)
-            for causal in (True, False):
+            for is_causal in causal:
                 if "dense" in families:
-                    cases.append(Case("dense", "softmax", causal=causal, **base))
-                if smoke and not causal:
+                    cases.append(Case("dense", "softmax", causal=is_causal, **base))
+                if smoke and not is_causal:
                     continue  # the smoke run covers the non-causal path with the dense family only
                 if "sliding_window" in families:
                     for w in windows:
                         # w keys per query: the w - 1 before it (causal) or about w / 2 on each side.
-                        window = (w - 1, 0) if causal else (w // 2, w - 1 - w // 2)
-                        cases.append(Case("sliding_window", "sliding_window", causal=causal, window=window, **base))
+                        window = (w - 1, 0) if is_causal else (w // 2, w - 1 - w // 2)
+                        cases.append(Case("sliding_window", "sliding_window", causal=is_causal, window=window,
+                                          **base))
                 if "block_sparse" in families and seq % block == 0:
                     for rho in densities:
-                        cases.append(Case("block_sparse", "block_sparse", causal=causal, density=rho, block=block,
-                                          **base))
+                        cases.append(Case("block_sparse", "block_sparse", causal=is_causal, density=rho,
+                                          block=block, **base))
             if "linear_recurrent" in families:
                 for mech in mechanisms:
                     cases.append(Case("linear_recurrent", mech, causal=True, **base))

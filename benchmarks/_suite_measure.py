@@ -14,17 +14,25 @@ import numpy as np
 import attn
 
 
-def median_seconds(call, sync, *, min_calls: int, min_time: float, max_calls: int = 1000) -> tuple[float, int]:
+def median_seconds(call, sync, *, min_calls: int, min_time: float, max_calls: int = 1000,
+                   max_time: float = 3.0) -> tuple[float, int]:
     """Median seconds of ``call()`` after two warm-up calls; every call is ended by ``sync`` on its result so
-    that asynchronous dispatch cannot hide device time."""
+    that asynchronous dispatch cannot hide device time. Calls continue until both ``min_calls`` and
+    ``min_time`` are reached, except that slow calls (a scan over 32k steps) stop after ``max_time`` seconds
+    with at least three timed calls."""
     sync(call())
     sync(call())
     times = []
     start = time.perf_counter()
-    while len(times) < min_calls or (time.perf_counter() - start < min_time and len(times) < max_calls):
+    while True:
         t0 = time.perf_counter()
         sync(call())
         times.append(time.perf_counter() - t0)
+        elapsed = time.perf_counter() - start
+        if len(times) >= max_calls or (len(times) >= 3 and elapsed >= max_time):
+            break
+        if len(times) >= min_calls and elapsed >= min_time:
+            break
     return statistics.median(times), len(times)
 
 

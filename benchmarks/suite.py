@@ -46,12 +46,25 @@ def _parse(argv):
     ap.add_argument("--out", default=None, help="output folder (default: benchmarks/results; with --smoke a "
                                                  "temporary folder, so that a smoke run never replaces results)")
     ap.add_argument("--families", nargs="+", default=None,
-                    help="subset of: dense sliding_window block_sparse linear_recurrent")
+                    help="subset of: dense sliding_window block_sparse linear_recurrent; none = only the scan")
     ap.add_argument("--seqs", nargs="+", type=int, default=None, help="sequence lengths (default: the grid's)")
     ap.add_argument("--head-dims", nargs="+", type=int, default=None, help="head dims (default: 64 128)")
+    ap.add_argument("--causal", choices=("both", "causal", "full"), default="both",
+                    help="masking of the attention cases (linear recurrences are always causal)")
+    ap.add_argument("--windows", nargs="+", type=int, default=None, help="sliding windows in keys (512 2048)")
+    ap.add_argument("--densities", nargs="+", type=float, default=None, help="block densities (0.1 0.25 0.5)")
+    ap.add_argument("--mechanisms", nargs="+", default=None, help="linear-recurrent mechanisms (default: all)")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="SUITE_JSON",
+                    help="runs nothing: combines the rows of earlier runs' suite.json files (each row keeps its "
+                         "run's device, date and commit) and writes the tables, plots and headline under --out")
     ap.add_argument("--tokens", type=int, default=32768, help="batch * seq per case (full mode)")
     ap.add_argument("--no-scan", action="store_true", help="skip the complexity scan")
+    ap.add_argument("--scan-seqs", nargs="+", type=int, default=[1024, 2048, 4096, 8192, 16384],
+                    help="sequence lengths of the complexity scan (full mode)")
     ap.add_argument("--min-time", type=float, default=None, help="seconds of timed calls per measurement")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds after which no new case starts (the outputs are still written): keeps a run "
+                         "inside a machine's time limit; the cases left out are listed")
     return ap.parse_args(argv)
 
 
@@ -101,7 +114,8 @@ def _run(cmd):
 
 def metadata(smoke: bool) -> dict:
     dev = jax.devices()[0]
-    commit = _run(["git", "rev-parse", "HEAD"])
+    # The GPU machine gets a copy of the working tree without .git: the caller passes the commit there.
+    commit = _run(["git", "rev-parse", "HEAD"]) or os.environ.get("BENCH_COMMIT")
     dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"])
     libs = {d: _version(d) for d in ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda13-pjrt", "jax-cuda12-plugin",
                                      "nvidia-cudnn-cu13", "nvidia-cudnn-cu12", "flax", "numpy", "torch", "triton",
@@ -113,7 +127,7 @@ def metadata(smoke: bool) -> dict:
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         commit=commit or "unknown", commit_dirty=bool(dirty), smoke=smoke, python=sys.version.split()[0],
         env={k: os.environ[k] for k in ("XLA_FLAGS", "XLA_PYTHON_CLIENT_PREALLOCATE",
-                                         "XLA_PYTHON_CLIENT_MEM_FRACTION") if k in os.environ},
+                                         "XLA_PYTHON_CLIENT_MEM_FRACTION", "PYTHONPATH") if k in os.environ},
         conventions=dict(
             time="median seconds per call after two warm-up calls, each call synchronised with the device",
             tflops="on the required work: 4*D flops per visible (query, key) pair forward (linear recurrences "
@@ -221,7 +235,7 @@ def _best(rows, kind, mode, case):
     return max(ok, key=lambda r: r["tokens_per_s"], default=None)
 
 
-def headline(rows, meta) -> list[dict]:
+def headline(rows, runs) -> list[dict]:
     """One entry per family that has a case where both one of ours and a peer were measured forward: ours vs
     the best peer of that case (ratios of throughput, above 1 = ours faster). Prefers a case measured in both
     modes, then the one closest to HEADLINE_PREFERENCE, then the longest sequence. Families without a measured
@@ -254,16 +268,19 @@ def headline(rows, meta) -> list[dict]:
             ours_fwd_bwd=ours_b["impl"] if ours_b else None, best_peer_fwd_bwd=peer_b["impl"] if peer_b else None,
             ours_tflops=dict(fwd=ours_f["tflops"], fwd_bwd=ours_b["tflops"] if ours_b else None),
             best_peer_tflops=dict(fwd=peer_f["tflops"], fwd_bwd=peer_b["tflops"] if peer_b else None),
-            device=meta["device"], date=meta["date"], commit=meta["commit"]))
+            device=runs[ours_f["run"]]["device"], date=runs[ours_f["run"]]["date"],
+            commit=runs[ours_f["run"]]["commit"]))
     return entries
 
 
-def markdown(meta, rows, scan, unavailable) -> str:
-    lines = [f"# Attention benchmark suite{' (smoke)' if meta['smoke'] else ''}", "",
-             f"Device {meta['device']} ({meta['platform']}), driver {meta['driver']}, {meta['date']}, commit "
-             f"{meta['commit'][:12]}{' (dirty)' if meta['commit_dirty'] else ''}. Libraries: "
-             + ", ".join(f"{k} {v}" for k, v in meta["libraries"].items()) + ".", "",
-             f"Times: {meta['conventions']['time']}. TFLOP/s: {meta['conventions']['tflops']}.", ""]
+def markdown(runs, rows, scan, unavailable) -> str:
+    meta = runs[0]
+    lines = [f"# Attention benchmark suite{' (smoke)' if meta['smoke'] else ''}", ""]
+    for i, run in enumerate(runs):
+        lines += [f"Run {i}: device {run['device']} ({run['platform']}), driver {run['driver']}, {run['date']}, "
+                  f"commit {run['commit'][:12]}{' (dirty)' if run['commit_dirty'] else ''}. Libraries: "
+                  + ", ".join(f"{k} {v}" for k, v in run["libraries"].items()) + ".", ""]
+    lines += [f"Times: {meta['conventions']['time']}. TFLOP/s: {meta['conventions']['tflops']}.", ""]
     for family in impls.FAMILIES:
         fam = [r for r in rows if r["family"] == family]
         if not fam:
@@ -366,24 +383,61 @@ def plots(rows, out_dir, meta) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------- main
+def write_outputs(report: dict, out_dir: str) -> None:
+    """suite.json, suite.md, the plots and headline.json from a report's runs, rows and scan."""
+    runs, rows = report["runs"], report["rows"]
+    report["headline"] = headline(rows, runs)
+    with open(os.path.join(out_dir, "suite.md"), "w") as fh:
+        fh.write(markdown(runs, rows, report.get("complexity_scan"), report["peers_unavailable"]))
+    report["plots"] = [os.path.relpath(p, out_dir) for p in plots(rows, out_dir, runs[0])]
+    with open(os.path.join(out_dir, "headline.json"), "w") as fh:
+        json.dump(report["headline"], fh, indent=1)
+    with open(os.path.join(out_dir, "suite.json"), "w") as fh:
+        json.dump(report, fh, indent=1, default=str)
+
+
+def merge(paths: list[str]) -> dict:
+    """One report from several runs' suite.json: rows keep the index of their run in ``runs``; the complexity
+    scan is the last run's that has one; a peer counts as unavailable only if no run measured it."""
+    merged = dict(runs=[], rows=[], peers_unavailable={}, merged_from=[os.path.basename(p) for p in paths])
+    for path in paths:
+        with open(path) as fh:
+            part = json.load(fh)
+        offset = len(merged["runs"])
+        merged["runs"] += part["runs"]
+        merged["rows"] += [dict(r, run=r["run"] + offset) for r in part["rows"]]
+        merged["peers_unavailable"].update(part["peers_unavailable"])
+        for key in ("complexity_scan", "complexity_scan_shape"):
+            if part.get(key):
+                merged[key] = part[key]
+        merged.setdefault("cases_not_run", []).extend(part.get("cases_not_run", []))
+    measured = {r["impl"] for r in merged["rows"] if r["status"] == "ok"}
+    merged["peers_unavailable"] = {n: w for n, w in merged["peers_unavailable"].items() if n not in measured}
+    return merged
+
+
 def main(args) -> int:
     start = time.perf_counter()
-    families = args.families or list(impls.FAMILIES)
-    for f in families:
-        if f not in impls.FAMILIES:
-            raise SystemExit(f"--families: unknown family {f!r}; known: {' '.join(impls.FAMILIES)}")
     if args.out is None:
         args.out = (os.path.join(tempfile.gettempdir(), "attn_suite_smoke") if args.smoke
                     else os.path.join(REPO, "benchmarks", "results"))
     os.makedirs(args.out, exist_ok=True)
+    if args.merge:
+        report = merge(args.merge)
+        write_outputs(report, args.out)
+        log(f"merged {len(args.merge)} runs ({len(report['rows'])} rows) into {args.out}")
+        return 0
+    families = args.families or list(impls.FAMILIES)
+    for f in families:
+        if f not in impls.FAMILIES + ("none",):
+            raise SystemExit(f"--families: unknown family {f!r}; known: {' '.join(impls.FAMILIES)} (or none)")
     meta = metadata(args.smoke)
     log("meta", json.dumps(meta))
     memory_limit = 0.85 * measure.device_memory_bytes()
     min_time = args.min_time if args.min_time is not None else (0.02 if args.smoke else 0.5)
-    report = dict(meta=meta, families=families, memory_limit_bytes=memory_limit)
     rows, unavailable = [], {}
-    report["rows"] = rows
-    report["peers_unavailable"] = unavailable
+    report = dict(runs=[meta], families=families, memory_limit_bytes=memory_limit, rows=rows,
+                  peers_unavailable=unavailable)
 
     def save():
         report["log"] = LOG
@@ -391,14 +445,20 @@ def main(args) -> int:
         with open(os.path.join(args.out, "suite.json"), "w") as fh:
             json.dump(report, fh, indent=1, default=str)
 
-    for case in impls.grid(args.smoke, families, args.seqs, args.head_dims, args.tokens):
+    causal = {"both": (True, False), "causal": (True,), "full": (False,)}[args.causal]
+    for case in impls.grid(args.smoke, families, args.seqs, args.head_dims, args.tokens, causal, args.windows,
+                           args.densities, args.mechanisms):
+        if args.budget is not None and time.perf_counter() - start > args.budget:
+            log(f"{case.name}: not run: --budget of {args.budget:g} s spent")
+            report.setdefault("cases_not_run", []).append(dict(case=case.name, reason="time budget spent"))
+            continue
         impl_list = impls.ours(case)
         if args.smoke:
             unavailable.setdefault("all peers", "not run in --smoke mode")
         else:
             impl_list += impls.peers(case, unavailable)
         try:
-            rows += run_case(case, impl_list, args, memory_limit, min_time)
+            rows += [dict(r, run=0) for r in run_case(case, impl_list, args, memory_limit, min_time)]
         except Exception as e:  # noqa: BLE001 -- e.g. no reference fits: say so, go on with the next case
             log(f"{case.name}: not run: {type(e).__name__}: {str(e)[:300]}")
             report.setdefault("cases_not_run", []).append(dict(case=case.name, reason=f"{type(e).__name__}: {e}"))
@@ -409,19 +469,14 @@ def main(args) -> int:
         if args.smoke:
             scan_shape = dict(seqs=(128, 512), batch=1, heads=2, head_dim=16, dtype="float32")
         else:
-            scan_shape = dict(seqs=(1024, 2048, 4096, 8192, 16384), batch=1, heads=8, head_dim=64, dtype="float32")
+            scan_shape = dict(seqs=tuple(args.scan_seqs), batch=1, heads=8, head_dim=64, dtype="float32")
         report["complexity_scan_shape"] = scan_shape
         report["complexity_scan"] = measure.complexity_scan(smoke=args.smoke, min_time=min_time / 2, log=log,
                                                             **scan_shape)
         report["seconds_scan"] = time.perf_counter() - start - report["seconds_cases"]
-    report["headline"] = headline(rows, meta)
-    save()
-    with open(os.path.join(args.out, "suite.md"), "w") as fh:
-        fh.write(markdown(meta, rows, report.get("complexity_scan"), unavailable))
-    report["plots"] = [os.path.relpath(p, args.out) for p in plots(rows, args.out, meta)]
-    with open(os.path.join(args.out, "headline.json"), "w") as fh:
-        json.dump(report["headline"], fh, indent=1)
-    save()
+    report["log"] = LOG
+    report["seconds"] = time.perf_counter() - start
+    write_outputs(report, args.out)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "wrong", "skipped", "error")}
     log(f"done in {time.perf_counter() - start:.1f} s: {counts}; wrote {args.out}")
     return 0

@@ -35,7 +35,7 @@ def smoke(tmp_path_factory):
 
 def test_smoke_metadata(smoke):
     _, report = smoke
-    meta = report["meta"]
+    (meta,) = report["runs"]
     assert meta["smoke"] is True and meta["platform"] == "cpu" and meta["device"]
     assert meta["driver"]
     assert meta["libraries"]["jax"] and meta["libraries"]["numpy"]
@@ -131,7 +131,7 @@ def test_attended_pairs_count_the_visible_pairs(family, causal, extra):
 def _row(family, case, impl, kind, mode, tokens_per_s, status="ok", seq=1024):
     return dict(family=family, case=case, mechanism="m", impl=impl, kind=kind, mode=mode, batch=1, seq=seq,
                 heads=2, head_dim=128, causal=True, dtype="bfloat16", window=None, density=None, block=None,
-                status=status, tokens_per_s=tokens_per_s, tflops=tokens_per_s / 1e6)
+                status=status, tokens_per_s=tokens_per_s, tflops=tokens_per_s / 1e6, run=0)
 
 
 def test_headline_one_entry_per_family_with_a_measured_peer():
@@ -154,7 +154,7 @@ def test_headline_one_entry_per_family_with_a_measured_peer():
         _row("linear_recurrent", "l", "fla", "peer", "fwd", 16.0),
         _row("linear_recurrent", "l", "fla", "peer", "fwd_bwd", 1.0, status="error"),
     ]
-    entries = {e["family"]: e for e in suite.headline(rows, meta)}
+    entries = {e["family"]: e for e in suite.headline(rows, [meta])}
     assert set(entries) == {"dense", "linear_recurrent"}
     dense = entries["dense"]
     assert dense["shape"]["case"] == "long" and dense["ours"] == "ours b" and dense["best_peer"] == "peer x"
@@ -175,6 +175,28 @@ def test_headline_prefers_a_case_compared_in_both_modes():
         _row("linear_recurrent", "short both", "fla", "peer", "fwd", 4.0, seq=1024),
         _row("linear_recurrent", "short both", "fla", "peer", "fwd_bwd", 2.0, seq=1024),
     ]
-    (entry,) = suite.headline(rows, meta)
+    (entry,) = suite.headline(rows, [meta])
     assert entry["shape"]["case"] == "short both"
     assert entry["fwd_ratio"] == pytest.approx(2.0) and entry["fwd_bwd_ratio"] == pytest.approx(3.0)
+
+
+def test_merge_keeps_each_rows_run_and_the_peers_measured_anywhere(tmp_path):
+    runs = [dict(device="A", date="2026-01-01T00:00:00+00:00", commit="a"),
+            dict(device="B", date="2026-01-02T00:00:00+00:00", commit="b")]
+    first = dict(runs=[runs[0]], peers_unavailable={"fla": "missing"}, rows=[
+        _row("dense", "c1", "ours a", "ours", "fwd", 10.0), _row("dense", "c1", "peer x", "peer", "fwd", 5.0)])
+    second = dict(runs=[runs[1]], peers_unavailable={"peer z": "no GPU"},
+                  complexity_scan=[dict(mechanism="m")], rows=[
+                      _row("linear_recurrent", "l", "ours c", "ours", "fwd", 8.0),
+                      _row("linear_recurrent", "l", "fla", "peer", "fwd", 16.0)])
+    paths = []
+    for i, part in enumerate((first, second)):
+        paths.append(tmp_path / f"{i}.json")
+        paths[-1].write_text(json.dumps(part))
+    merged = suite.merge([str(p) for p in paths])
+    assert merged["runs"] == runs and len(merged["rows"]) == 4
+    assert [r["run"] for r in merged["rows"]] == [0, 0, 1, 1]
+    assert merged["peers_unavailable"] == {"peer z": "no GPU"}  # fla was measured by the second run
+    assert merged["complexity_scan"] == [dict(mechanism="m")]
+    entries = {e["family"]: e for e in suite.headline(merged["rows"], merged["runs"])}
+    assert (entries["dense"]["device"], entries["linear_recurrent"]["device"]) == ("A", "B")
