@@ -187,6 +187,7 @@ def test_merge_keeps_each_rows_run_and_the_peers_measured_anywhere(tmp_path):
         _row("dense", "c1", "ours a", "ours", "fwd", 10.0), _row("dense", "c1", "peer x", "peer", "fwd", 5.0)])
     second = dict(runs=[runs[1]], peers_unavailable={"peer z": "no GPU"},
                   complexity_scan=[dict(mechanism="m")], rows=[
+                      _row("dense", "c1", "peer x", "peer", "fwd", 6.0),
                       _row("linear_recurrent", "l", "ours c", "ours", "fwd", 8.0),
                       _row("linear_recurrent", "l", "fla", "peer", "fwd", 16.0)])
     paths = []
@@ -194,8 +195,9 @@ def test_merge_keeps_each_rows_run_and_the_peers_measured_anywhere(tmp_path):
         paths.append(tmp_path / f"{i}.json")
         paths[-1].write_text(json.dumps(part))
     merged = suite.merge([str(p) for p in paths])
-    assert merged["runs"] == runs and len(merged["rows"]) == 4
-    assert [r["run"] for r in merged["rows"]] == [0, 0, 1, 1]
+    assert merged["runs"] == runs and len(merged["rows"]) == 4  # the second run's peer x replaced the first's
+    assert [(r["impl"], r["run"]) for r in merged["rows"]] == [("ours a", 0), ("peer x", 1), ("ours c", 1),
+                                                               ("fla", 1)]
     assert merged["peers_unavailable"] == {"peer z": "no GPU"}  # fla was measured by the second run
     assert merged["complexity_scan"] == [dict(mechanism="m")]
     entries = {e["family"]: e for e in suite.headline(merged["rows"], merged["runs"])}
