@@ -25,7 +25,7 @@ def _example_params(key, q_shape, kv_shape, v_head_dim, causal):
     causal=(True,),
     segment_ids=True,
     cross=False,
-    implementations=r.MECHANISM_FORMS,
+    implementations=r.MECHANISM_FORMS + ("pallas",),
     example_params=_example_params,
 )
 def gla(
@@ -47,25 +47,35 @@ def gla(
     ``log_gate`` [batch, seq, heads, dk] is ``log alpha_t`` (<= 0), one gate per query head and key dimension
     (data dependent; computed by the model, e.g. ``logsigmoid(x W) / 16`` as in the paper). GQA: k/v heads are
     repeated to the query heads. Forms: "xla" (parallel, quadratic), "recurrent" (scan), "chunked" (default;
-    chunks of ``chunk_size``). ``initial_state`` [batch, heads, dk, dv] continues from a previous segment;
-    ``return_state=True`` returns ``(out, final_state)`` (state in float32, float64 for float64 inputs).
+    chunks of ``chunk_size``), "pallas" (the chunked Pallas kernel of ``kernels_pallas.linear_recurrent``,
+    interpreted on the CPU; no ``segment_ids``). ``initial_state`` [batch, heads, dk, dv] continues from a previous
+    segment; ``return_state=True`` returns ``(out, final_state)`` (state in float32, float64 for float64 inputs).
     ``segment_ids`` [batch, seq] (packed sequences): the state restarts from zero wherever the id changes, so
     segments are contiguous runs (the initial state belongs to the first one).
     No normalisation: the paper's output norm and gating belong to the model.
 
     Paper: "Gated Linear Attention Transformers with Hardware-Efficient Training".
     """
-    form = r.mechanism_setup(q, k, v, causal, implementation, chunk_size, "gla")
+    checked = None if implementation == "pallas" else implementation  # "pallas" dispatches below
+    form = r.mechanism_setup(q, k, v, causal, checked, chunk_size, "gla")
     b, s, h, dk = q.shape
     log_gate = r.check_shape(log_gate, (b, s, h, dk), "log_gate", "[batch, seq, heads, dk]")
     initial_state = r.check_state(initial_state, q, v)
     scale = c.default_scale(scale, dk)
     k, v = c.repeat_kv(k, h), c.repeat_kv(v, h)
     dt = c.compute_dtype(q.dtype)
-    out, state = r.linear_recurrence(
-        q.astype(dt) * scale, k, v, log_gate=log_gate.astype(dt), initial_state=initial_state,
-        segment_ids=segment_ids, implementation=form, chunk_size=chunk_size,
-    )
+    if implementation == "pallas":  # the Pallas kernel keeps the input dtype (float32 state inside)
+        from kernels_pallas.linear_recurrent import vector_gate_ops
+
+        out, state = vector_gate_ops.mechanism_recurrence(
+            (q * scale).astype(q.dtype), k, v, log_gate.astype(dt), initial_state=initial_state,
+            segment_ids=segment_ids, chunk_size=chunk_size,
+        )
+    else:
+        out, state = r.linear_recurrence(
+            q.astype(dt) * scale, k, v, log_gate=log_gate.astype(dt), initial_state=initial_state,
+            segment_ids=segment_ids, implementation=form, chunk_size=chunk_size,
+        )
     out = out.astype(q.dtype)
     return (out, state) if return_state else out
 

@@ -105,14 +105,15 @@ def scan_forms(spec, smoke: bool) -> list[str | None]:
     return [impl for impl in spec.implementations if impl != "pallas"]
 
 
-def complexity_scan(*, seqs, batch, heads, head_dim, dtype, smoke, min_time, log, names=None):
+def complexity_scan(*, seqs, batch, heads, head_dim, dtype, smoke, min_time, log, names=None, stop_at=None):
     """Time and peak memory of each registered mechanism's plain-JAX forms against sequence length.
 
     Each row names the mechanism, the form (None = the mechanism's default), its declared complexity, the
     measured points, the log-log slopes of time and of memory, and a label from the larger slope (the time
     slope only where every time is at least RELIABLE_SECONDS): a form can trade memory for time (chunked
     softmax) or time for memory, and either growth is what a user pays.
-    Sizes whose compiled peak memory would not fit the device are skipped and listed.
+    Sizes whose compiled peak memory would not fit the device are skipped and listed, and so is every size
+    left when ``time.perf_counter()`` passes ``stop_at`` (a machine's time limit).
     """
     limit = 0.8 * device_memory_bytes()
     rows = []
@@ -124,6 +125,9 @@ def complexity_scan(*, seqs, batch, heads, head_dim, dtype, smoke, min_time, log
                        declared=spec.complexity, causal=causal, seqs=[], seconds=[], peak_bytes=[], skipped=[])
             for seq in seqs:
                 s = -(-seq // spec.seq_multiple) * spec.seq_multiple
+                if stop_at is not None and time.perf_counter() > stop_at:
+                    row["skipped"].append(dict(seq=s, reason="time budget spent"))
+                    continue
                 try:
                     keys = jax.random.split(jax.random.key(seq), 4)
                     q, k, v = (jax.random.normal(kk, (batch, s, heads, head_dim), jnp.float32).astype(dtype)

@@ -1,11 +1,12 @@
-"""Chunked scalar-gate linear recurrence on the GPU: the Pallas kernel vs fla's Triton kernels vs XLA's chunked form.
+"""Chunked linear recurrences on the GPU: the Pallas kernels vs fla's Triton kernels vs XLA's chunked form.
 
 Run on the device machine from the repository root (fla-core 0.6.0 is a pure-Python wheel; PyTorch and Triton are
 already there):
     PYTHONPATH=. python3 benchmarks/linear_recurrent.py --fla-wheel path/to/fla_core-0.6.0-py3-none-any.whl [--quick]
-Variants: "simple_gla" (data-dependent scalar log gate per head and step; fla's chunk_simple_gla) and "linear"
-(no gate; fla's chunk_linear_attn). Shapes B4 S8192 H16 D128 and B1 S32768 H16 D128, bfloat16, forward and
-forward+backward (gradients of q, k, v and the gate). Tokens/s = B * S / median seconds per call.
+Variants: "simple_gla" (data-dependent scalar log gate per head and step; fla's chunk_simple_gla), "linear"
+(no gate; fla's chunk_linear_attn) and "gla" (data-dependent log gate per head, step and key dimension, the
+vector-gate kernel; fla's chunk_gla). Shapes B4 S8192 H16 D128 and B1 S32768 H16 D128, bfloat16, forward and
+forward+backward (gradients of q, k, v and the gate, for fla too). Tokens/s = B * S / median seconds per call.
 
 Peak memory: for fla, torch.cuda.max_memory_allocated over the timed calls (after a reset); for the JAX paths, the
 compiled executable's arguments + outputs + temporaries (XLA's memory analysis), since JAX has no per-call peak
@@ -31,11 +32,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from attn import _recurrent  # noqa: E402
 from kernels_pallas.linear_recurrent import chunked_scalar_gate_recurrence, chunked_scalar_gate_reference  # noqa: E402
+from kernels_pallas.linear_recurrent.vector_gate_ops import chunked_vector_gate_recurrence  # noqa: E402
 
 OUT = os.environ.get("OUT", ".")
 SHAPES = [(4, 8192, 16, 128), (1, 32768, 16, 128)]
-VARIANTS = ("simple_gla", "linear")
+VARIANTS = ("simple_gla", "linear", "gla")
 START = time.perf_counter()
 
 
@@ -58,10 +61,11 @@ def load_fla(wheel):
         sys.path.insert(0, target)
     try:
         import torch  # noqa: F401
+        from fla.ops.gla import chunk_gla
         from fla.ops.linear_attn import chunk_linear_attn
         from fla.ops.simple_gla import chunk_simple_gla
 
-        return {"simple_gla": chunk_simple_gla, "linear": chunk_linear_attn}
+        return {"simple_gla": chunk_simple_gla, "linear": chunk_linear_attn, "gla": chunk_gla}
     except Exception as e:  # the table then says fla was unavailable
         log(f"fla unavailable: {type(e).__name__}: {e}")
         return None
@@ -75,6 +79,8 @@ def inputs(key, b, s, h, d, variant):
     gate = None
     if variant == "simple_gla":
         gate = jax.nn.log_sigmoid(jax.random.normal(kg, (b, s, h), jnp.float32) + 4.0)  # mostly mild decay
+    if variant == "gla":
+        gate = jax.nn.log_sigmoid(jax.random.normal(kg, (b, s, h, d), jnp.float32)) / 16  # the paper's gate
     dout = jax.random.normal(kd, (b, s, h, d), jnp.float32).astype(jnp.bfloat16)
     return q, k, v, gate, dout
 
@@ -91,9 +97,15 @@ def timed(fn, sync, min_time=1.0, max_iters=100):
     return statistics.median(times)
 
 
-def jax_fns(kind, gate):
+def jax_fns(kind, variant):
     """(forward, forward+backward) jitted functions of (q, k, v, gate, dout) for one JAX implementation."""
-    if kind == "pallas":
+    if variant == "gla" and kind == "pallas":
+        rec = lambda q, k, v, g: chunked_vector_gate_recurrence(q, k, v, g, backend="triton")[0]
+    elif variant == "gla":  # XLA's chunked form, float32 maths and state
+        rec = lambda q, k, v, g: _recurrent.linear_recurrence(
+            *(x.astype(jnp.float32) for x in (q, k, v)), log_gate=g, implementation="chunked", chunk_size=64
+        )[0].astype(q.dtype)
+    elif kind == "pallas":
         rec = lambda q, k, v, g: chunked_scalar_gate_recurrence(q, k, v, g, backend="triton")[0]
     else:  # XLA's chunked form; bf16 in, float32 maths and state
         rec = lambda q, k, v, g: chunked_scalar_gate_reference(q, k, v, g, chunk_size=64)[0]
@@ -118,8 +130,8 @@ def jax_memory(fn, args):
     return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)
 
 
-def run_jax(kind, mode, q, k, v, gate, dout):
-    fwd, fwd_bwd = jax_fns(kind, gate)
+def run_jax(kind, variant, mode, q, k, v, gate, dout):
+    fwd, fwd_bwd = jax_fns(kind, variant)
     fn = fwd if mode == "forward" else fwd_bwd
     args = (q, k, v, gate, dout)
     seconds = timed(lambda: fn(*args), jax.block_until_ready)
@@ -134,15 +146,15 @@ def run_fla(fla, variant, mode, q, k, v, gate, dout):
     tq, tk, tv, tg, tdo = (to_torch(x) for x in (q, k, v, gate, dout))
     fn = fla[variant]
 
-    def call(q, k, v):
-        if variant == "simple_gla":
-            return fn(q, k, v, g=tg, scale=1.0)[0]
+    def call(q, k, v, g=None):
+        if variant in ("simple_gla", "gla"):
+            return fn(q, k, v, g=g, scale=1.0)[0]
         return fn(q, k, v, scale=1.0, normalize=False)[0]
 
     if mode == "forward":
-        run = lambda: call(tq, tk, tv)
-    else:
-        leaves = [x.detach().clone().requires_grad_(True) for x in (tq, tk, tv)]
+        run = lambda: call(tq, tk, tv, tg)
+    else:  # the gate is a leaf too, so that fla computes its gradient as the JAX paths do
+        leaves = [x.detach().clone().requires_grad_(True) for x in (tq, tk, tv, tg) if x is not None]
 
         def run():
             out = call(*leaves)
@@ -203,7 +215,7 @@ def main():
                                 raise RuntimeError("fla unavailable")
                             seconds, peak, out = run_fla(fla, variant, mode, q, k, v, gate, dout)
                         else:
-                            seconds, peak, out = run_jax(impl.split("_")[0], mode, q, k, v, gate, dout)
+                            seconds, peak, out = run_jax(impl.split("_")[0], variant, mode, q, k, v, gate, dout)
                         if impl == "xla_chunked":
                             reference_out = out
                         row.update(seconds=seconds, tokens_per_s=b * s / seconds, peak_bytes=peak)

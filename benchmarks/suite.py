@@ -63,8 +63,8 @@ def _parse(argv):
                     help="sequence lengths of the complexity scan (full mode)")
     ap.add_argument("--min-time", type=float, default=None, help="seconds of timed calls per measurement")
     ap.add_argument("--budget", type=float, default=None,
-                    help="seconds after which no new case starts (the outputs are still written): keeps a run "
-                         "inside a machine's time limit; the cases left out are listed")
+                    help="seconds after which no new case nor scan point starts (the outputs are still written): "
+                         "keeps a run inside a machine's time limit; what is left out is listed")
     return ap.parse_args(argv)
 
 
@@ -487,8 +487,9 @@ def main(args) -> int:
         else:
             scan_shape = dict(seqs=tuple(args.scan_seqs), batch=1, heads=8, head_dim=64, dtype="float32")
         report["complexity_scan_shape"] = scan_shape
+        stop_at = None if args.budget is None else start + args.budget
         report["complexity_scan"] = measure.complexity_scan(smoke=args.smoke, min_time=min_time / 2, log=log,
-                                                            **scan_shape)
+                                                            stop_at=stop_at, **scan_shape)
         report["seconds_scan"] = time.perf_counter() - start - report["seconds_cases"]
     report["log"] = LOG
     report["seconds"] = time.perf_counter() - start

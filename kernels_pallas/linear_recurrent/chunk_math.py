@@ -1,15 +1,20 @@
 """The per-chunk algebra shared by the GPU and TPU kernels (pure jnp on loaded tiles).
 
 Inside one chunk of C steps, with ``c_t`` the inclusive cumulative log gate from the chunk start (so ``c_t <= 0``
-and non-increasing), ``L = c_{C-1}`` and ``S0`` the state entering the chunk:
+and non-increasing), ``L = c_{C-1}``, ``S0`` the state entering the chunk and ``S1`` the state leaving it:
 
   o_t  = sum_{s <= t} exp(c_t - c_s) (q_t . k_s) v_s  +  exp(c_t) q_t S0
   S1   = exp(L) S0 + sum_s exp(L - c_s) k_s^T v_s
 
 Every exponent is <= 0 (``c_t - c_s`` only for ``s <= t``, masked before the exp), so no decay strength
-overflows. The backward differentiates these two lines; for the gate it uses the identity
-``dc_t = q_t . dq_t - k_t . dk_t`` (+ ``dL`` at the last step), which holds because each ``c`` enters as
-``exp(c_t - c_s)`` paired with q_t and k_s, or as ``exp(L - c_s)`` and ``exp(c_t)`` paired likewise.
+overflows. Backward, with ``dS1`` the gradient of the state leaving the chunk (everything later chunks and the
+final state's cotangent send back):
+
+  dS0  = exp(L) dS1 + sum_t exp(c_t) q_t^T do_t                    (the sequential reverse pass)
+  dq, dk, dv from the two lines above given S0 and dS1             (parallel over chunks)
+
+For the gate it uses ``dc_t = q_t . dq_t - k_t . dk_t`` (+ ``dL`` at the last step), which holds because each ``c``
+enters as ``exp(c_t - c_s)`` paired with q_t and k_s, or as ``exp(L - c_s)`` and ``exp(c_t)`` paired likewise.
 
 ``dot(a, b, trans_a=False, trans_b=False)`` is the backend's matmul accumulating in float32 (float64 for
 float64). Products whose operands are float32 intermediates are cast to the input dtype first, as flash
@@ -31,37 +36,44 @@ def total(x, keepdims):
     return jnp.sum(jnp.sum(x, axis=1, keepdims=keepdims), axis=0, keepdims=keepdims)
 
 
-def forward_chunk(q, k, v, cum_col, cum_row, last, causal, state, dot):
-    """One chunk forward: (out [C, bv] float32, state leaving the chunk [dk, bv] float32)."""
-    decay = decay_matrix(cum_col, cum_row, causal)
-    scores = dot(q, k, trans_b=True) * decay
+def chunk_output(q, k, v, cum_col, cum_row, causal, state, dot):
+    """Output of one chunk [C, bv] (float32) given the state entering it [dk, bv]."""
+    scores = dot(q, k, trans_b=True) * decay_matrix(cum_col, cum_row, causal)
     q_in = (q * jnp.exp(cum_col)).astype(q.dtype)
-    out = dot(scores.astype(v.dtype), v) + dot(q_in, state.astype(q.dtype))
+    return dot(scores.astype(v.dtype), v) + dot(q_in, state.astype(q.dtype))
+
+
+def advance_state(k, v, cum_col, last, state, dot):
+    """State leaving the chunk (float32) from the state entering it; k [C, bk], v [C, bv], state [bk, bv]."""
     k_out = (k * jnp.exp(last - cum_col)).astype(k.dtype)
-    state = jnp.exp(last) * state + dot(k_out, v, trans_a=True)
-    return out, state
+    return jnp.exp(last) * state + dot(k_out, v, trans_a=True)
 
 
-def backward_chunk(q, k, v, dout, cum_col, cum_row, last, causal, state, dstate, dot, keepdims):
-    """One chunk backward, given the entering state and the gradient of the leaving state.
+def retreat_dstate(q, dout, cum_col, last, dstate, dot):
+    """Gradient of the state entering the chunk from that of the state leaving it; q [C, bk], dout [C, bv]."""
+    q_in = (q * jnp.exp(cum_col)).astype(q.dtype)
+    return jnp.exp(last) * dstate + dot(q_in, dout, trans_a=True)
 
-    Returns (dq [C, dk], dk [C, dk], dv [C, bv], dcum_rows, dlast, dstate_entering): ``dcum_rows`` is
-    ``q_t . dq_t - k_t . dk_t`` ([C, 1] with ``keepdims``, else [C]); the caller adds ``dlast`` (a scalar-like
-    [1, 1] / scalar) to the chunk's last step.
+
+def chunk_gradients(q, k, v, dout, cum_col, cum_row, last, causal, state, dstate, dot, keepdims):
+    """Gradients of one chunk given the state entering it and the gradient of the state leaving it.
+
+    Returns (dq [C, dk], dk [C, dk], dv [C, dv], dcum [C, 1] with ``keepdims`` else [C], dlast): ``dcum`` is
+    ``q_t . dq_t - k_t . dk_t``; the caller adds ``dlast`` ([1, 1] with ``keepdims``, else a scalar) to the
+    chunk's last step.
     """
     decay = decay_matrix(cum_col, cum_row, causal)
     scores = dot(q, k, trans_b=True) * decay
     dscores = dot(dout, v, trans_b=True) * decay
     from_start = jnp.exp(cum_col)  # decay from the chunk start to step t
     to_end = jnp.exp(last - cum_col)  # decay from step s to the chunk end
+    dstate_in = dstate.astype(v.dtype)
     dq = dot(dscores.astype(k.dtype), k) + dot((dout * from_start).astype(dout.dtype), state.astype(dout.dtype),
                                                trans_b=True)
-    dk_state = dot((v * to_end).astype(v.dtype), dstate.astype(v.dtype), trans_b=True)
+    dk_state = dot((v * to_end).astype(v.dtype), dstate_in, trans_b=True)
     dk = dot(dscores.astype(q.dtype), q, trans_a=True) + dk_state
-    dv = dot(scores.astype(dout.dtype), dout, trans_a=True) + dot((k * to_end).astype(k.dtype),
-                                                                  dstate.astype(k.dtype))
-    dcum_rows = jnp.sum(q * dq - k * dk, axis=1, keepdims=keepdims)
-    decay_all = jnp.exp(last)
-    dlast = decay_all * total(state * dstate, keepdims) + total(k * dk_state, keepdims)
-    dstate = decay_all * dstate + dot((q * from_start).astype(q.dtype), dout, trans_a=True)
-    return dq, dk, dv, dcum_rows, dlast, dstate
+    dv = dot(scores.astype(dout.dtype), dout, trans_a=True) + dot((k * to_end).astype(k.dtype), dstate_in)
+    dcum = jnp.sum(q * dq - k * dk, axis=1, keepdims=keepdims)
+    state_term = total(state.astype(dk_state.dtype) * dstate.astype(dk_state.dtype), keepdims)
+    dlast = jnp.exp(last) * state_term + total(k * dk_state, keepdims)
+    return dq, dk, dv, dcum, dlast

@@ -7,42 +7,50 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True)
 class ChunkConfig:
-    """How the sequence and the value dimension are tiled.
+    """How the sequence and the head dimensions are tiled, and which forward runs.
 
     Attributes:
       chunk_size: steps per chunk: the intra-chunk product is [chunk, chunk], the state is carried between chunks.
-      block_v: value columns per program (the state block is [dk, block_v]); None = all of dv in one program.
-        Splitting dv gives more programs (parallelism) at the price of summing partial dq, dk and gate gradients.
+      block_k, block_v: key / value rows and columns of the state block [block_k, block_v] that one program of the
+        sequential state passes carries (None = the whole head dim). Smaller blocks give more programs. The
+        chunk-parallel output kernel splits dv by ``block_v``; the chunk-parallel gradient kernel takes whole heads.
+      fused_forward: False: a sequential state pass then a chunk-parallel output kernel (fla's layout). True: one
+        sequential kernel per (batch, head, dv block) that computes outputs and states in the same walk (no state
+        round trip through memory, but only batch * heads * dv / block_v programs); ``block_k`` is then unused.
       num_warps, num_stages: Triton launch settings (ignored on TPU and in interpret mode).
     """
 
     chunk_size: int = 64
+    block_k: int | None = None
     block_v: int | None = None
+    fused_forward: bool = False
     num_warps: int = 4
     num_stages: int = 2
 
     def validate(self, min_chunk: int) -> None:
-        """Raises ValueError unless chunk_size (and block_v) are powers of two >= ``min_chunk`` (so that they tile)."""
-        for name in ("chunk_size", "block_v"):
+        """Raises ValueError unless chunk_size (and the blocks) are powers of two >= ``min_chunk`` (so they tile)."""
+        for name in ("chunk_size", "block_k", "block_v"):
             value = getattr(self, name)
-            if value is None and name == "block_v":
+            if value is None and name != "chunk_size":
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < min_chunk or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two >= {min_chunk}, got {value!r}")
+        if not isinstance(self.fused_forward, bool):
+            raise ValueError(f"fused_forward must be a bool, got {self.fused_forward!r}")
         for name in ("num_warps", "num_stages"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-# GPU (Triton): 64-step chunks keep the [64, 64] decay tile and a [128, 64] state block in registers (untuned).
-GPU_DEFAULT = ChunkConfig(chunk_size=64, block_v=64, num_warps=4, num_stages=2)
+# GPU (Triton): 64-step chunks as fla; [64, 64] state blocks give b * h * 4 programs to the sequential passes.
+GPU_DEFAULT = ChunkConfig(chunk_size=64, block_k=64, block_v=64, num_warps=4, num_stages=2)
 
 # TPU: the chunk axis is a lane axis of the gate row tile, so it must be a multiple of 128.
-TPU_DEFAULT = ChunkConfig(chunk_size=128, block_v=128)
+TPU_DEFAULT = ChunkConfig(chunk_size=128, block_k=None, block_v=128)
 
 # CPU interpret mode (tests): small chunks so that short inputs still take several chunks.
-INTERPRET_DEFAULT = ChunkConfig(chunk_size=16, block_v=None)
+INTERPRET_DEFAULT = ChunkConfig(chunk_size=16)
 
 
 def default_config(backend: str, interpret) -> ChunkConfig:

@@ -1,81 +1,53 @@
-"""Backward pass on GPU (Pallas, Triton backend): the reverse-time recurrence of the state gradient.
+"""Chunk-parallel backward on GPU (Pallas, Triton backend).
 
-One program per (batch, head, dv block) walks the chunks from last to first carrying dS (the gradient of the
-state leaving the chunk, [dk, block_v] float32, starting from the final state's cotangent) and reads the
-state entering each chunk, saved by the forward. Per chunk it produces dq, dk, dv and the gradient of the
-cumulative log gates (``chunk_math.backward_chunk``); dS leaving the first chunk is d initial_state.
-
-dq, dk and the gate gradient contract over dv, so with several dv blocks each block writes a partial that
-``ops`` sums (a leading [n_v] axis); dv and d initial_state are exact per block.
+One program per (batch, head, chunk) takes the state entering the chunk and the gradient of the state leaving it
+(from ``gpu_states``) and gives dq, dk, dv and the gradient of the cumulative log gates of that chunk
+(``chunk_math.chunk_gradients``). Whole heads per program: dq, dk and the gate gradient contract over dv and dv
+over dk, so splitting either would need partial sums.
 """
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from kernels_pallas.linear_recurrent import chunk_math
-from kernels_pallas.linear_recurrent.gpu_forward import acc_dtype, chunk_tiles, make_dot
+from kernels_pallas.linear_recurrent.gpu_forward import acc_dtype, chunk_tiles, compiler_params, make_dot
 
 
-def _backward_kernel(q_ref, k_ref, v_ref, cum_ref, states_ref, dout_ref, dfinal_ref,
-                     dq_ref, dk_ref, dv_ref, dcum_ref, dh0_ref, *, chunk, n_chunks):
-    dk_dim = q_ref.shape[-1]
-    dot = make_dot(q_ref.dtype)
-    causal, is_last = chunk_tiles(chunk)
-
-    def body(i, dstate):
-        n = n_chunks - 1 - i
-        rows = pl.ds(n * chunk, chunk)
-        cum = cum_ref[rows]
-        last = jnp.sum(jnp.where(is_last, cum, 0.0))
-        state = states_ref[pl.ds(n * dk_dim, dk_dim), :]
-        dq, dk, dv, dcum, dlast, dstate = chunk_math.backward_chunk(
-            q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], dout_ref[rows, :], cum[:, None], cum[None, :], last,
-            causal, state, dstate, dot, keepdims=False)
-        dq_ref[rows, :] = dq.astype(dq_ref.dtype)
-        dk_ref[rows, :] = dk.astype(dk_ref.dtype)
-        dv_ref[rows, :] = dv.astype(dv_ref.dtype)
-        dcum_ref[rows] = (dcum + jnp.where(is_last, dlast, 0.0)).astype(dcum_ref.dtype)
-        return dstate
-
-    dstate = lax.fori_loop(0, n_chunks, body, dfinal_ref[...].astype(dh0_ref.dtype))
-    dh0_ref[...] = dstate
+def _gradient_kernel(q_ref, k_ref, v_ref, dout_ref, cum_ref, state_ref, dstate_ref,
+                     dq_ref, dk_ref, dv_ref, dcum_ref):
+    causal, is_last = chunk_tiles(q_ref.shape[0])
+    cum = cum_ref[...]
+    last = jnp.sum(jnp.where(is_last, cum, 0.0))
+    dq, dk, dv, dcum, dlast = chunk_math.chunk_gradients(
+        q_ref[...], k_ref[...], v_ref[...], dout_ref[...], cum[:, None], cum[None, :], last, causal,
+        state_ref[...], dstate_ref[...], make_dot(q_ref.dtype), keepdims=False)
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+    dcum_ref[...] = (dcum + jnp.where(is_last, dlast, 0.0)).astype(dcum_ref.dtype)
 
 
-def backward(q, k, v, cum, states, dout, dfinal, *, config, interpret):
-    """Returns (dq [n_v, b, h, s, dk], dk like dq, dv [b, h, s, dv], dcum [n_v, b, h, s], dh0 [b, h, dk, dv]),
-    all in the accumulation dtype; the [n_v] partials are summed by the caller."""
+def gradients(q, k, v, dout, cum, states, dstates, *, config, interpret):
+    """states: entering each chunk, dstates: gradient of the state leaving each chunk ([b, h, n, dk, dv]) ->
+    (dq, dk [b, h, s, dk], dv [b, h, s, dv] in q's dtype, dcum [b, h, s] in the accumulation dtype)."""
     b, h, s, dk = q.shape
     dv = v.shape[-1]
-    chunk, block_v = config.chunk_size, config.block_v
-    n_chunks, n_v = s // chunk, dv // block_v
-    acc = acc_dtype(q.dtype)
-    qk_spec = pl.BlockSpec((None, None, s, dk), lambda bi, hi, vi: (bi, hi, 0, 0))
-    v_spec = pl.BlockSpec((None, None, s, block_v), lambda bi, hi, vi: (bi, hi, 0, vi))
-    cum_spec = pl.BlockSpec((None, None, s), lambda bi, hi, vi: (bi, hi, 0))
-    state_spec = pl.BlockSpec((None, None, dk, block_v), lambda bi, hi, vi: (bi, hi, 0, vi))
-    states_spec = pl.BlockSpec((None, None, n_chunks * dk, block_v), lambda bi, hi, vi: (bi, hi, 0, vi))
-    partial_qk_spec = pl.BlockSpec((None, None, None, s, dk), lambda bi, hi, vi: (vi, bi, hi, 0, 0))
-    partial_cum_spec = pl.BlockSpec((None, None, None, s), lambda bi, hi, vi: (vi, bi, hi, 0))
+    chunk = config.chunk_size
+    qk_spec = pl.BlockSpec((None, None, chunk, dk), lambda bi, hi, n: (bi, hi, n, 0))
+    v_spec = pl.BlockSpec((None, None, chunk, dv), lambda bi, hi, n: (bi, hi, n, 0))
+    cum_spec = pl.BlockSpec((None, None, chunk), lambda bi, hi, n: (bi, hi, n))
+    state_spec = pl.BlockSpec((None, None, None, dk, dv), lambda bi, hi, n: (bi, hi, n, 0, 0))
     return pl.pallas_call(
-        functools.partial(_backward_kernel, chunk=chunk, n_chunks=n_chunks),
-        grid=(b, h, n_v),
-        in_specs=[qk_spec, qk_spec, v_spec, cum_spec, states_spec, v_spec, state_spec],
-        out_specs=[partial_qk_spec, partial_qk_spec, v_spec, partial_cum_spec, state_spec],
-        out_shape=[
-            jax.ShapeDtypeStruct((n_v, b, h, s, dk), acc),
-            jax.ShapeDtypeStruct((n_v, b, h, s, dk), acc),
-            jax.ShapeDtypeStruct((b, h, s, dv), acc),
-            jax.ShapeDtypeStruct((n_v, b, h, s), acc),
-            jax.ShapeDtypeStruct((b, h, dk, dv), acc),
-        ],
-        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+        _gradient_kernel,
+        grid=(b, h, s // chunk),
+        in_specs=[qk_spec, qk_spec, v_spec, v_spec, cum_spec, state_spec, state_spec],
+        out_specs=[qk_spec, qk_spec, v_spec, cum_spec],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+                   jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(cum.shape, acc_dtype(q.dtype))],
+        compiler_params=compiler_params(config),
         interpret=interpret,
-        name="scalar_gate_recurrence_bwd",
-    )(q, k, v, cum, states, dout, dfinal)
+        name="scalar_gate_gradients",
+    )(q, k, v, dout, cum, states, dstates)

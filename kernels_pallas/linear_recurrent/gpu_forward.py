@@ -1,9 +1,11 @@
-"""Forward pass on GPU (Pallas, Triton backend).
+"""Forward kernels on GPU (Pallas, Triton backend).
 
-One program per (batch, head, dv block) walks the chunks in order with the float32 state block [dk, block_v]
-carried in registers by the loop; each chunk does the intra-chunk [C, C] product and the state read/update
-(``chunk_math.forward_chunk``). Inputs arrive heads-first and padded by ``ops``: sequence to a chunk multiple,
-head dims to powers of two >= 16 (Triton's dot needs them).
+``output``: chunk-parallel, one program per (batch, head, chunk, dv block): the intra-chunk [C, C] product plus
+the read of the state entering the chunk, which ``gpu_states.states`` stored. ``fused``: the older single
+sequential kernel, one program per (batch, head, dv block) walking the chunks with the state in registers; it
+needs no state round trip through memory but has few programs (``ChunkConfig.fused_forward`` picks it).
+Inputs arrive heads-first and padded by ``ops``: sequence to a chunk multiple, head dims to powers of two >= 16
+(Triton's dot needs them).
 """
 
 from __future__ import annotations
@@ -40,8 +42,41 @@ def chunk_tiles(chunk):
     return t[:, None] >= t[None, :], t == chunk - 1
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, cum_ref, h0_ref, out_ref, final_ref, *states_ref, chunk, n_chunks):
-    dk = q_ref.shape[-1]
+def compiler_params(config):
+    return plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def _output_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, out_ref):
+    causal, _ = chunk_tiles(q_ref.shape[0])
+    cum = cum_ref[...]
+    out = chunk_math.chunk_output(q_ref[...], k_ref[...], v_ref[...], cum[:, None], cum[None, :], causal,
+                                  state_ref[...], make_dot(q_ref.dtype))
+    out_ref[...] = out.astype(out_ref.dtype)
+
+
+def output(q, k, v, cum, states, *, config, interpret):
+    """q/k [b, h, s, dk], v [b, h, s, dv], cum [b, h, s], states [b, h, n_chunks, dk, dv] (entering each chunk)
+    -> out [b, h, s, dv] in q's dtype."""
+    b, h, s, dk = q.shape
+    dv = v.shape[-1]
+    chunk, block_v = config.chunk_size, config.block_v
+    qk_spec = pl.BlockSpec((None, None, chunk, dk), lambda bi, hi, n, vi: (bi, hi, n, 0))
+    v_spec = pl.BlockSpec((None, None, chunk, block_v), lambda bi, hi, n, vi: (bi, hi, n, vi))
+    cum_spec = pl.BlockSpec((None, None, chunk), lambda bi, hi, n, vi: (bi, hi, n))
+    state_spec = pl.BlockSpec((None, None, None, dk, block_v), lambda bi, hi, n, vi: (bi, hi, n, 0, vi))
+    return pl.pallas_call(
+        _output_kernel,
+        grid=(b, h, s // chunk, dv // block_v),
+        in_specs=[qk_spec, qk_spec, v_spec, cum_spec, state_spec],
+        out_specs=v_spec,
+        out_shape=jax.ShapeDtypeStruct(v.shape, q.dtype),
+        compiler_params=compiler_params(config),
+        interpret=interpret,
+        name="scalar_gate_output",
+    )(q, k, v, cum, states)
+
+
+def _fused_kernel(q_ref, k_ref, v_ref, cum_ref, h0_ref, out_ref, final_ref, *states_ref, chunk, n_chunks):
     dot = make_dot(q_ref.dtype)
     causal, is_last = chunk_tiles(chunk)
 
@@ -50,23 +85,22 @@ def _forward_kernel(q_ref, k_ref, v_ref, cum_ref, h0_ref, out_ref, final_ref, *s
         cum = cum_ref[rows]
         last = jnp.sum(jnp.where(is_last, cum, 0.0))
         if states_ref:  # the backward reads the state entering every chunk
-            states_ref[0][pl.ds(n * dk, dk), :] = state
-        out, state = chunk_math.forward_chunk(q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], cum[:, None],
-                                              cum[None, :], last, causal, state, dot)
-        out_ref[rows, :] = out.astype(out_ref.dtype)
-        return state
+            states_ref[0][n] = state.astype(states_ref[0].dtype)
+        q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
+        out_ref[rows, :] = chunk_math.chunk_output(q, k, v, cum[:, None], cum[None, :], causal, state,
+                                                   dot).astype(out_ref.dtype)
+        return chunk_math.advance_state(k, v, cum[:, None], last, state, dot)
 
-    state = lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(final_ref.dtype))
-    final_ref[...] = state
+    final_ref[...] = lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(final_ref.dtype))
 
 
-def forward(q, k, v, cum, h0, *, config, save_states, interpret):
-    """q/k [b, h, s, dk], v [b, h, s, dv], cum [b, h, s], h0 [b, h, dk, dv] (acc dtype) ->
-    (out [b, h, s, dv] in q's dtype, final state [b, h, dk, dv], states [b, h, n * dk, dv] or None)."""
+def fused(q, k, v, cum, h0, *, config, save_states, interpret):
+    """q/k [b, h, s, dk], v [b, h, s, dv], cum [b, h, s], h0 [b, h, dk, dv] (acc dtype) -> (out [b, h, s, dv] in
+    q's dtype, final state [b, h, dk, dv], states [b, h, n_chunks, dk, dv] in q's dtype or None)."""
     b, h, s, dk = q.shape
     dv = v.shape[-1]
     chunk, block_v = config.chunk_size, config.block_v
-    n_chunks, n_v = s // chunk, dv // block_v
+    n_chunks = s // chunk
     acc = acc_dtype(q.dtype)
     qk_spec = pl.BlockSpec((None, None, s, dk), lambda bi, hi, vi: (bi, hi, 0, 0))
     v_spec = pl.BlockSpec((None, None, s, block_v), lambda bi, hi, vi: (bi, hi, 0, vi))
@@ -75,16 +109,16 @@ def forward(q, k, v, cum, h0, *, config, save_states, interpret):
     out_specs = [v_spec, state_spec]
     out_shape = [jax.ShapeDtypeStruct(v.shape, q.dtype), jax.ShapeDtypeStruct((b, h, dk, dv), acc)]
     if save_states:
-        out_specs.append(pl.BlockSpec((None, None, n_chunks * dk, block_v), lambda bi, hi, vi: (bi, hi, 0, vi)))
-        out_shape.append(jax.ShapeDtypeStruct((b, h, n_chunks * dk, dv), acc))
+        out_specs.append(pl.BlockSpec((None, None, n_chunks, dk, block_v), lambda bi, hi, vi: (bi, hi, 0, 0, vi)))
+        out_shape.append(jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), q.dtype))
     results = pl.pallas_call(
-        functools.partial(_forward_kernel, chunk=chunk, n_chunks=n_chunks),
-        grid=(b, h, n_v),
+        functools.partial(_fused_kernel, chunk=chunk, n_chunks=n_chunks),
+        grid=(b, h, dv // block_v),
         in_specs=[qk_spec, qk_spec, v_spec, cum_spec, state_spec],
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+        compiler_params=compiler_params(config),
         interpret=interpret,
-        name="scalar_gate_recurrence_fwd",
+        name="scalar_gate_fused_fwd",
     )(q, k, v, cum, h0)
     return results[0], results[1], (results[2] if save_states else None)

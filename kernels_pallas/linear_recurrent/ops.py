@@ -26,36 +26,48 @@ class _Static:
 
 
 def _kernels(backend):
+    """The backend's kernels: the state passes, the output and gradient kernels and the fused forward."""
     if backend == "triton":
-        from kernels_pallas.linear_recurrent import gpu_backward, gpu_forward
+        from kernels_pallas.linear_recurrent import gpu_backward as backward
+        from kernels_pallas.linear_recurrent import gpu_forward as forward
+        from kernels_pallas.linear_recurrent import gpu_states as states
+    else:
+        from kernels_pallas.linear_recurrent import tpu_backward as backward
+        from kernels_pallas.linear_recurrent import tpu_forward as forward
+        from kernels_pallas.linear_recurrent import tpu_states as states
+    return forward, states, backward
 
-        return gpu_forward.forward, gpu_backward.backward
-    from kernels_pallas.linear_recurrent import tpu_backward, tpu_forward
 
-    return tpu_forward.forward, tpu_backward.backward
+def _forward(q, k, v, cum, h0, st, save_states):
+    """(out, final state, states entering each chunk or None)."""
+    forward, states, _ = _kernels(st.backend)
+    if st.config.fused_forward:
+        return forward.fused(q, k, v, cum, h0, config=st.config, save_states=save_states, interpret=st.interpret)
+    entering, final = states.states(k, v, cum, h0, config=st.config, interpret=st.interpret)
+    out = forward.output(q, k, v, cum, entering, config=st.config, interpret=st.interpret)
+    return out, final, entering
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _recurrence(q, k, v, cum, h0, st: _Static):
-    forward, _ = _kernels(st.backend)
-    out, final, _ = forward(q, k, v, cum, h0, config=st.config, save_states=False, interpret=st.interpret)
+    out, final, _ = _forward(q, k, v, cum, h0, st, save_states=False)
     return out, final
 
 
 def _recurrence_fwd(q, k, v, cum, h0, st):
-    forward, _ = _kernels(st.backend)
-    out, final, states = forward(q, k, v, cum, h0, config=st.config, save_states=True, interpret=st.interpret)
-    return (out, final), (q, k, v, cum, states)
+    out, final, entering = _forward(q, k, v, cum, h0, st, save_states=True)
+    return (out, final), (q, k, v, cum, entering)
 
 
 def _recurrence_bwd(st, residuals, cotangents):
-    q, k, v, cum, states = residuals  # h0 has the states' dtype
+    q, k, v, cum, entering = residuals  # h0 has cum's dtype (the accumulation dtype)
     dout, dfinal = cotangents
-    _, backward = _kernels(st.backend)
-    dq, dk, dv, dcum, dh0 = backward(q, k, v, cum, states, dout.astype(q.dtype), dfinal.astype(states.dtype),
-                                     config=st.config, interpret=st.interpret)
-    return (dq.sum(0).astype(q.dtype), dk.sum(0).astype(k.dtype), dv.astype(v.dtype),
-            dcum.sum(0).astype(cum.dtype), dh0.astype(states.dtype))
+    _, states, backward = _kernels(st.backend)
+    dleaving, dh0 = states.dstates(q, dout.astype(q.dtype), cum, dfinal.astype(cum.dtype),
+                                   config=st.config, interpret=st.interpret)
+    dq, dk, dv, dcum = backward.gradients(q, k, v, dout.astype(q.dtype), cum, entering, dleaving,
+                                          config=st.config, interpret=st.interpret)
+    return dq, dk, dv, dcum.astype(cum.dtype), dh0.astype(cum.dtype)
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
@@ -112,13 +124,17 @@ def chunked_scalar_gate_recurrence(
       initial_state: None (zeros) or [batch, heads, head_dim, v_head_dim].
       chunk_size: steps per chunk, a power of two (>= 16 on GPU, >= 8 on TPU); overrides ``config.chunk_size``.
         Any sequence length works (padded with identity steps).
-      config: ``ChunkConfig`` (chunk size, dv block, Triton launch settings); None = per-device default.
+      config: ``ChunkConfig`` (chunk size, state blocks, fused forward, Triton launch settings); None = per-device
+        default.
       backend: "triton" (GPU), "mosaic_tpu" (TPU) or None (from the default device).
       interpret: run in Pallas' interpreter (CPU tests); for the TPU kernel also a ``pltpu.InterpretParams``.
 
     Returns ``(out [batch, seq, heads, v_head_dim] in q's dtype, final_state [batch, heads, head_dim, v_head_dim]
     float32)`` (float64 for float64 inputs, interpret mode only). Differentiable in q, k, v, log_gate and
-    initial_state (``jax.custom_vjp``: the backward kernel runs the reverse-time recurrence of dS).
+    initial_state (``jax.custom_vjp``). Forward: a sequential pass storing the state entering each chunk, then a
+    chunk-parallel output kernel (or one fused sequential kernel: ``config.fused_forward``). Backward: a
+    sequential reverse pass storing the gradient of the state leaving each chunk, then a chunk-parallel kernel
+    for dq, dk, dv and the gate gradient.
 
     Papers: "Gated Linear Attention Transformers with Hardware-Efficient Training"; "Retentive Network: A
     Successor to Transformer for Large Language Models".
@@ -149,10 +165,13 @@ def chunked_scalar_gate_recurrence(
     # Triton's dot wants power-of-two dims >= 16: zero columns of q, k, v and the state change nothing.
     dk_pad = _pow2_at_least(dk, 16) if backend == "triton" else dk
     dv_pad = _pow2_at_least(dv, 16) if backend == "triton" else dv
+    block_k = dk_pad if config.block_k is None else min(config.block_k, dk_pad)
     block_v = dv_pad if config.block_v is None else min(config.block_v, dv_pad)
+    if dk_pad % block_k:
+        raise ValueError(f"block_k ({block_k}) must divide head_dim ({dk_pad})")
     if dv_pad % block_v:
         raise ValueError(f"block_v ({block_v}) must divide v_head_dim ({dv_pad})")
-    config = dataclasses.replace(config, block_v=block_v)
+    config = dataclasses.replace(config, block_k=block_k, block_v=block_v)
     chunk = config.chunk_size
     s_pad = -(-max(s, 1) // chunk) * chunk
 

@@ -1,0 +1,143 @@
+"""GPU check of the Pallas vector-gate (GLA) kernel: errors against XLA's chunked form, then a few timings.
+
+Run on the GPU machine from the repository root: ``PYTHONPATH=. python benchmarks/check_gla_kernel.py``.
+1. Triton build, bf16 and float32, B2 S1024 H4 at D128 and D64: output, final state and the gradients of q, k, v,
+   log_gate and the initial state against ``attn._recurrent.linear_recurrence`` (chunked, float32 maths on the same
+   inputs); prints max abs and relative (Frobenius) errors.
+2. Forward and forward+backward at B4 S8192 H16 D128 bf16 for a few configs: median ms and tokens/s.
+Everything printed also goes to $OUT/check_gla_kernel.txt ($OUT defaults to /tmp). Time-boxed to ~75 s.
+``--smoke``: tiny shapes in Pallas' interpreter (a CPU dry run of the script itself).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import statistics
+import time
+import traceback
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from attn import _recurrent as r  # noqa: E402
+from kernels_pallas.linear_recurrent.vector_gate_ops import (  # noqa: E402
+    GPU_DEFAULT,
+    chunked_vector_gate_recurrence,
+)
+
+START = time.perf_counter()
+BUDGET_S = 70.0
+LOG_PATH = os.path.join(os.environ.get("OUT", "/tmp"), "check_gla_kernel.txt")
+SMOKE = "--smoke" in sys.argv
+CHECK_SHAPE = (1, 40, 2) if SMOKE else (2, 1024, 4)  # batch, seq, heads
+BENCH_SHAPE = (1, 64, 2, 32) if SMOKE else (4, 8192, 16, 128)  # batch, seq, heads, head_dim
+
+
+def log(*parts):
+    line = " ".join(str(p) for p in (f"[{time.perf_counter() - START:5.1f}s]",) + parts)
+    print(line, flush=True)
+    with open(LOG_PATH, "a") as f:
+        f.write(line + "\n")
+
+
+def inputs(key, b, s, h, d, dtype):
+    keys = jax.random.split(key, 7)
+    q = (jax.random.normal(keys[0], (b, s, h, d)) * d**-0.5).astype(dtype)
+    k = (jax.random.normal(keys[1], (b, s, h, d)) * d**-0.5).astype(dtype)
+    v = jax.random.normal(keys[2], (b, s, h, d)).astype(dtype)
+    gate = jax.nn.log_sigmoid(jax.random.normal(keys[3], (b, s, h, d))) / 16  # the paper's gate
+    h0 = jax.random.normal(keys[4], (b, h, d, d))
+    dout = jax.random.normal(keys[5], (b, s, h, d)).astype(dtype)
+    dfinal = jax.random.normal(keys[6], (b, h, d, d))
+    return q, k, v, gate, h0, dout, dfinal
+
+
+def errors(name, got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    if not np.all(np.isfinite(got)):
+        return f"{name}: NON-FINITE"
+    rel = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
+    return f"{name}: max_abs {np.max(np.abs(got - want)):.2e} rel {rel:.2e}"
+
+
+def check(d, dtype):
+    q, k, v, gate, h0, dout, dfinal = inputs(jax.random.key(d), *CHECK_SHAPE, d, dtype)
+
+    def kernel(q, k, v, g, h0):
+        return chunked_vector_gate_recurrence(q, k, v, g, initial_state=h0, backend="triton", interpret=SMOKE)
+
+    def reference(q, k, v, g, h0):
+        q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+        out, final = r.linear_recurrence(q, k, v, log_gate=g, initial_state=h0, implementation="chunked",
+                                         chunk_size=64)
+        return out.astype(dtype), final
+
+    results = []
+    for fn in (kernel, reference):
+        (out, final), vjp = jax.vjp(jax.jit(fn), q, k, v, gate, h0)
+        grads = jax.jit(vjp)((dout, dfinal))
+        results.append((out, final) + tuple(grads))
+    names = ("out", "final", "dq", "dk", "dv", "dlog_gate", "dh0")
+    log(f"D{d} {jnp.dtype(dtype).name}:", "; ".join(errors(n, a, b) for n, a, b in zip(names, *results)))
+
+
+def time_call(fn, *args, reps=2 if SMOKE else 10):
+    jax.block_until_ready(fn(*args))  # compile + warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench(config, label):
+    b, s, h, d = BENCH_SHAPE
+    q, k, v, gate, _, dout, _ = inputs(jax.random.key(0), b, s, h, d, jnp.bfloat16)
+    fwd = jax.jit(lambda q, k, v, g: chunked_vector_gate_recurrence(q, k, v, g, config=config, backend="triton",
+                                                                         interpret=SMOKE)[0])
+
+    def loss(q, k, v, g):
+        return jnp.sum(fwd(q, k, v, g).astype(jnp.float32) * dout.astype(jnp.float32))
+
+    fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+    for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+        if time.perf_counter() - START > BUDGET_S:
+            log(f"{label} {mode}: skipped (time budget)")
+            continue
+        try:
+            sec = time_call(fn, q, k, v, gate)
+            log(f"{label} {mode}: {sec * 1e3:.3f} ms, {b * s / sec / 1e6:.2f} M tokens/s")
+        except Exception as e:  # a config that does not compile must not hide the others
+            log(f"{label} {mode}: FAILED {type(e).__name__}: {str(e)[:600]}")
+
+
+def main():
+    log("devices:", jax.devices(), "jax", jax.__version__)
+    for d in (32, 16) if SMOKE else (128, 64):
+        for dtype in (jnp.bfloat16, jnp.float32):
+            try:
+                check(d, dtype)
+            except Exception as e:
+                log(f"D{d} {jnp.dtype(dtype).name}: FAILED {type(e).__name__}: {str(e)[:1500]}")
+                log(traceback.format_exc()[-1500:])
+    variants = [
+        ("default", GPU_DEFAULT),
+        ("warps8", dataclasses.replace(GPU_DEFAULT, num_warps=8)),
+        ("block_v64", dataclasses.replace(GPU_DEFAULT, block_v=64)),
+        ("block_v64-sub32", dataclasses.replace(GPU_DEFAULT, block_v=64, sub_chunk=32)),
+        ("state32x64-stages1", dataclasses.replace(GPU_DEFAULT, state_block_k=32, num_stages=1)),
+    ]
+    for label, config in variants:
+        log(f"config {label}: {config}")
+        bench(config, label)
+    log("done")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,308 @@
+"""GPU checks and timings of the Mosaic GPU sliding-window forward (``backend="mosaic_gpu"``), H100.
+
+Run on the GPU machine from the repository root:
+    PYTHONPATH=. python benchmarks/check_sliding_window_mgpu.py
+Prints, and writes to $OUT/check_sliding_window_mgpu.txt and .json (OUT defaults to /tmp), in this order
+(the most needed first, since MGPU_BUDGET_S, default 70 s, stops whatever is left):
+  1. forward checks of every tiling variant against the float32 dense reference (odd length, GQA, causal);
+  2. the saved log-sum-exp against the Triton forward's on the same padded inputs (the backward reads it);
+  3. forward timings at B4 S8192 H16 D128 bf16 causal W512: cuDNN, the Triton kernel, each variant;
+  4. gradients (Mosaic forward + Triton backward through the custom VJP) against the reference;
+  5. forward timings at S32768 W1024 and W4096; 6. forward+backward timings; 7. the remaining checks.
+Every case catches and prints its own exception (a Mosaic lowering or ptxas error is information).
+MGPU_SMOKE=1: control-flow smoke test on a CPU (Pallas' interpreters, tiny shapes, no cuDNN).
+TFLOP/s count the work inside the window: forward 4*B*H*S*W*D, forward+backward 2.5x that.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import statistics
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels_pallas.sliding_window import band, sliding_window_attention, sliding_window_reference
+from kernels_pallas.sliding_window.mosaic_gpu_forward import MosaicBlocks
+
+START = time.perf_counter()
+BUDGET_S = float(os.environ.get("MGPU_BUDGET_S", "70"))
+OUT = os.environ.get("OUT", "/tmp")
+SMOKE = bool(os.environ.get("MGPU_SMOKE"))
+LOG: list[str] = []
+REPORT: dict = dict(checks=[], timings=[])
+
+# Simplest first: one compute warpgroup, 64-key steps, every tile masked (one loop).
+VARIANTS = {
+    "1wg-k64-1loop": MosaicBlocks(block_q=64, block_k=64, compute_wgs=1, num_slots=2, split_loops=False),
+    "1wg-k128": MosaicBlocks(block_q=64, block_k=128, compute_wgs=1, num_slots=2),
+    "2wg-k128": MosaicBlocks(block_q=64, block_k=128, compute_wgs=2, num_slots=2),
+    "2wg-k64-3slots": MosaicBlocks(block_q=64, block_k=64, compute_wgs=2, num_slots=3),
+    "2wg-k128-pingpong": MosaicBlocks(block_q=64, block_k=128, compute_wgs=2, num_slots=2, pingpong=True),
+}
+
+
+def log(*parts):
+    line = f"[{time.perf_counter() - START:5.1f}s] " + " ".join(str(p) for p in parts)
+    print(line, flush=True)
+    LOG.append(line)
+
+
+def save():
+    os.makedirs(OUT, exist_ok=True)
+    REPORT["log"] = LOG
+    with open(os.path.join(OUT, "check_sliding_window_mgpu.json"), "w") as fh:
+        json.dump(REPORT, fh, indent=1, default=str)
+    with open(os.path.join(OUT, "check_sliding_window_mgpu.txt"), "w") as fh:
+        fh.write("\n".join(LOG) + "\n")
+
+
+def out_of_time(what):
+    if time.perf_counter() - START > BUDGET_S:
+        log(f"skipped (budget {BUDGET_S:.0f} s): {what}")
+        return True
+    return False
+
+
+def report_error(what, e):
+    text = "".join(traceback.format_exception(e))
+    log(f"ERROR {what}: {type(e).__name__}: {str(e)[:1500]}")
+    print(text[-4000:], flush=True)
+    LOG.append(text[-4000:])
+    return f"{type(e).__name__}: {str(e)[:3000]}"
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if not np.all(np.isfinite(a)):
+        return float("inf")
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def inputs(seed, b, s, h, hkv, d, dtype):
+    kq, kk, kv, kd = jax.random.split(jax.random.key(seed), 4)
+    normal = lambda key, shape: jax.random.normal(key, shape, jnp.float32).astype(dtype)
+    return normal(kq, (b, s, h, d)), normal(kk, (b, s, hkv, d)), normal(kv, (b, s, hkv, d)), normal(kd, (b, s, h, d))
+
+
+def fwd_bwd(f):
+    def run(q, k, v, dout):
+        out, vjp = jax.vjp(f, q, k, v)
+        return out, vjp(dout)
+
+    return jax.jit(run)
+
+
+# ------------------------------------------------------------------------------------------------ checks
+# b, s, h, hkv, d, window, causal, dtype: lengths off and on the tile multiple, GQA, causal and two-sided.
+CHECKS = {
+    "A s1000 d128 gqa4:2 causal w(299,0) bf16": (2, 1000, 4, 2, 128, (299, 0), True, jnp.bfloat16),
+    "B s512 d64 gqa2:1 two-sided w(100,37) fp16": (1, 512, 2, 1, 64, (100, 37), False, jnp.float16),
+    "C s333 d128 mha two-sided w(5,200) bf16": (1, 333, 2, 2, 128, (5, 200), False, jnp.bfloat16),
+}
+_REFS = {}
+
+
+def _reference(name):
+    if name not in _REFS:
+        b, s, h, hkv, d, window, causal, dtype = CHECKS[name]
+        q, k, v, dout = inputs(11, b, s, h, hkv, d, dtype)
+        f32 = lambda x: x.astype(jnp.float32)
+        ref = lambda q, k, v: sliding_window_reference(q, k, v, window=window, causal=causal)
+        _REFS[name] = (q, k, v, dout), fwd_bwd(ref)(f32(q), f32(k), f32(v), f32(dout))
+    return _REFS[name]
+
+
+def check(name, variant, grads):
+    what = f"check {name} [{variant}] {'fwd+grads' if grads else 'fwd'}"
+    if out_of_time(what):
+        return
+    row = dict(check=name, variant=variant, grads=grads)
+    try:
+        (q, k, v, dout), (ref_out, ref_grads) = _reference(name)
+        _, _, _, _, _, window, causal, _ = CHECKS[name]
+        ours = lambda q, k, v: sliding_window_attention(q, k, v, window=window, causal=causal,
+                                                        backend="mosaic_gpu", mosaic_blocks=VARIANTS[variant],
+                                                        interpret=SMOKE)
+        t0 = time.perf_counter()
+        if grads:
+            out, g = fwd_bwd(ours)(q, k, v, dout)
+            errs = [rel_err(out, ref_out)] + [rel_err(a, r) for a, r in zip(g, ref_grads)]
+        else:
+            errs = [rel_err(jax.jit(ours)(q, k, v), ref_out)]
+        errors = dict(zip(("out", "dq", "dk", "dv"), errs))
+        row.update(errors=errors, ok=all(e < 2e-2 for e in errs), seconds=time.perf_counter() - t0)
+        log(f"{'OK  ' if row['ok'] else 'FAIL'} {what}: " + " ".join(f"{n} {e:.2e}" for n, e in errors.items())
+            + f" ({row['seconds']:.1f} s)")
+    except Exception as e:  # one broken variant must not hide the others
+        row.update(ok=False, error=report_error(what, e))
+    REPORT["checks"].append(row)
+    save()
+
+
+def check_lse_matches_triton(variant):
+    """The Triton backward reads the forward's lse: both forwards must save the same one (padded rows too)."""
+    what = f"lse vs Triton forward [{variant}]"
+    if out_of_time(what):
+        return
+    from kernels_pallas.sliding_window import config, gpu_forward, mosaic_gpu_forward
+
+    row = dict(check="lse", variant=variant)
+    try:
+        b, s_pad, seq_len, h, hkv, d, left, right = 1, 1024, 1000, 4, 2, 128, 299, 0
+        q, k, v, _ = inputs(5, b, s_pad, h, hkv, d, jnp.bfloat16)
+        common = dict(left=left, right=right, scale=d ** -0.5, seq_len=seq_len)
+        if SMOKE:
+            from jax.experimental.pallas import mosaic_gpu as plgpu
+
+            b, s_pad, seq_len, d, left = 1, 256, 200, 64, 70
+            q, k, v, _ = inputs(5, b, s_pad, h, hkv, d, jnp.bfloat16)
+            common = dict(left=left, right=right, scale=d ** -0.5, seq_len=seq_len)
+        mosaic_interpret = plgpu.InterpretGPUParams() if SMOKE else None
+        _, lse_m = jax.jit(lambda q, k, v: mosaic_gpu_forward.forward(
+            q, k, v, blocks=VARIANTS[variant], interpret=mosaic_interpret, **common))(q, k, v)
+        _, lse_t = jax.jit(lambda q, k, v: gpu_forward.forward(
+            q, k, v, None, softcap=None, blocks=config.GPU_DEFAULT, interpret=SMOKE, **common))(q, k, v)
+        lse_m, lse_t = np.asarray(lse_m), np.asarray(lse_t)
+        real = float(np.abs(lse_m[..., :seq_len] - lse_t[..., :seq_len]).max())
+        pad_ok = bool(np.all(lse_m[..., seq_len:] == band.PAD_LSE))
+        row.update(max_abs_diff_real_rows=real, padded_rows_pad_lse=pad_ok, ok=real < 2e-2 and pad_ok)
+        log(f"{'OK  ' if row['ok'] else 'FAIL'} {what}: max |diff| {real:.2e} on real rows, padded rows "
+            f"{'PAD_LSE' if pad_ok else 'WRONG'}")
+    except Exception as e:
+        row.update(ok=False, error=report_error(what, e))
+    REPORT["checks"].append(row)
+    save()
+
+
+# ------------------------------------------------------------------------------------------------ timing
+def timed(fn, args, min_time=0.25, max_iters=100, min_calls=5):
+    """(first-call seconds incl. compile, median seconds per call after two warm-ups, calls)."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - t0
+    jax.block_until_ready(fn(*args))
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_calls or (time.perf_counter() - start < min_time and len(times) < max_iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return first, statistics.median(times), len(times)
+
+
+CASES = {
+    "B4 S8192 W512": dict(b=4, s=8192, h=16, d=128, w=512),
+    "B4 S32768 W1024": dict(b=4, s=32768, h=16, d=128, w=1024),
+    "B4 S32768 W4096": dict(b=4, s=32768, h=16, d=128, w=4096),
+}
+if SMOKE:
+    CASES = {name: dict(b=1, s=256, h=2, d=64, w=c["w"] // 16) for name, c in CASES.items()}
+    CHECKS = {name: (1, min(c[1], 200), *c[2:]) for name, c in CHECKS.items()}
+_INPUTS = {}
+
+
+def impl(name, w):
+    window = (w - 1, 0)
+    if name == "cudnn":
+        if SMOKE:
+            raise ValueError("no cuDNN in the CPU smoke test")
+        return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window,
+                                                            implementation="cudnn")
+    if name == "triton":
+        return lambda q, k, v: sliding_window_attention(q, k, v, window=window, causal=True, backend="triton",
+                                                        interpret=SMOKE)
+    return lambda q, k, v: sliding_window_attention(q, k, v, window=window, causal=True, backend="mosaic_gpu",
+                                                    mosaic_blocks=VARIANTS[name], interpret=SMOKE)
+
+
+def time_one(case, name, mode):
+    what = f"{case:>16} {name:>15} {mode:>7}"
+    if out_of_time(what):
+        return None
+    c = CASES[case]
+    row = dict(case=case, impl=name, mode=mode)
+    try:
+        if case not in _INPUTS:
+            _INPUTS.clear()  # one case's inputs at a time (S32768: 0.5 GB each)
+            _INPUTS[case] = inputs(7, c["b"], c["s"], c["h"], c["h"], c["d"], jnp.bfloat16)
+        q, k, v, dout = _INPUTS[case]
+        flops = 4.0 * c["b"] * c["h"] * c["s"] * c["w"] * c["d"]
+        f = impl(name, c["w"])
+        timed_ = timed if not SMOKE else (lambda fn, args: timed(fn, args, min_time=0.0, max_iters=1, min_calls=1))
+        if mode == "fwd":
+            first, sec, n = timed_(jax.jit(f), (q, k, v))
+        else:
+            first, sec, n = timed_(fwd_bwd(f), (q, k, v, dout))
+            flops *= 2.5
+        row.update(ms=sec * 1e3, tflops=flops / sec / 1e12, calls=n, first_call_s=first)
+        log(f"{what} {sec * 1e3:9.3f} ms {row['tflops']:6.1f} TFLOP/s (first call {first:.1f} s, {n} calls)")
+    except Exception as e:
+        row.update(error=report_error(what, e))
+    REPORT["timings"].append(row)
+    save()
+    return row.get("ms")
+
+
+def best_variant(case):
+    rows = [r for r in REPORT["timings"] if r["case"] == case and r["mode"] == "fwd" and r["impl"] in VARIANTS
+            and "ms" in r]
+    ok = {r["variant"] for r in REPORT["checks"] if r.get("ok") and "variant" in r}
+    rows = [r for r in rows if r["impl"] in ok] or rows
+    return min(rows, key=lambda r: r["ms"])["impl"] if rows else "1wg-k128"
+
+
+def table():
+    log("")
+    log("| case | mode | cuDNN ms | Triton ms (vs cuDNN) | best Mosaic ms (vs cuDNN) | Mosaic variants ms |")
+    log("|---|---|---|---|---|---|")
+    for case in CASES:
+        for mode in ("fwd", "fwd+bwd"):
+            rows = {r["impl"]: r for r in REPORT["timings"] if r["case"] == case and r["mode"] == mode and "ms" in r}
+            if not rows:
+                continue
+            cu, tr = rows.get("cudnn"), rows.get("triton")
+            mosaic = {n: r for n, r in rows.items() if n in VARIANTS}
+            best = min(mosaic.values(), key=lambda r: r["ms"], default=None)
+            cell = lambda r: "n/a" if r is None else (
+                f"{r['ms']:.3f}" + (f" ({cu['ms'] / r['ms']:.2f}x)" if cu and r is not cu else ""))
+            variants = ", ".join(f"{n} {r['ms']:.3f}" for n, r in mosaic.items())
+            log(f"| {case} | {mode} | {cell(cu)} | {cell(tr)} | "
+                f"{cell(best)}{' ' + best['impl'] if best else ''} | {variants} |")
+
+
+def main():
+    dev = jax.devices()[0]
+    REPORT["meta"] = dict(device=str(dev.device_kind), jax=jax.__version__,
+                          date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                          variants={n: str(b) for n, b in VARIANTS.items()}, budget_s=BUDGET_S)
+    log("meta", json.dumps(REPORT["meta"]))
+    first_check = next(iter(CHECKS))
+    for variant in VARIANTS:  # 1. does each variant lower, compile and agree, forward only
+        check(first_check, variant, grads=False)
+    check_lse_matches_triton("1wg-k128")  # 2.
+    case = "B4 S8192 W512"  # 3.
+    for name in ("cudnn", "triton", *VARIANTS):
+        time_one(case, name, "fwd")
+    check(first_check, best_variant(case), grads=True)  # 4.
+    for case in ("B4 S32768 W1024", "B4 S32768 W4096"):  # 5.
+        for name in ("cudnn", "triton", "1wg-k128", "2wg-k128", "2wg-k128-pingpong"):
+            time_one(case, name, "fwd")
+    for case in CASES:  # 6.
+        for name in ("cudnn", "triton", best_variant(case)):
+            time_one(case, name, "fwd+bwd")
+    for name in list(CHECKS)[1:]:  # 7.
+        for variant in VARIANTS:
+            check(name, variant, grads=variant == "1wg-k128")
+    table()
+    save()
+    log(f"done; written to {OUT}/check_sliding_window_mgpu.txt and .json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Forward tile algebra and kernel bodies of the chunked vector-gate (GLA) recurrence, shared by GPU and TPU.
+
+``S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t`` with one log gate per key dimension. Inside a chunk,
+``cum`` [C, dk] is the inclusive cumulative log gate from the chunk start (<= 0, non-increasing down each column),
+``last`` [1, dk] its last row and ``h`` [dk, dv] the state entering the chunk:
+
+  o_t   = (q_t * exp(cum_t)) h  +  sum_{s <= t} A_ts v_s,   A_ts = sum_d q_td k_sd exp(cum_td - cum_sd)
+  h_out = exp(last)^T * h  +  (k * exp(last - cum))^T v
+
+Only differences ``cum_t - cum_s`` with s at or before t are exponentiated, so every exponent is <= 0. ``A`` cannot
+be one matmul with a single reference row (q * exp(cum - r) and k * exp(r - cum) are both bounded only for r
+between s and t), so the chunk is cut into sub-chunks: across sub-chunks the reference is the cumulative gate at
+the last step before the later sub-chunk (a bounded matmul); inside the diagonal sub-chunk the loop over its
+columns computes ``exp(cum_t - cum_s)`` elementwise ([sub, dk] per column), as fla's GLA kernels do.
+
+``dot(a, b, trans_a, trans_b)`` accumulates in float32 (float64 for float64); matmul operands are cast to the input
+dtype first, so bf16 inputs run bf16 matmuls while the state, gates and accumulations stay float32.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+
+def acc_dtype(dtype):
+    return jnp.float64 if dtype == jnp.float64 else jnp.float32
+
+
+def make_dot(dtype):
+    """lax.dot_general accumulating in the accumulation dtype; exact (not tf32) products for float32 inputs."""
+    precision = lax.Precision.HIGHEST if dtype in (jnp.float32, jnp.float64) else None
+    acc = acc_dtype(dtype)
+
+    def dot(a, b, trans_a=False, trans_b=False):
+        dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
+        return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=acc)
+
+    return dot
+
+
+def masked_decay(cum_rows, cum_ref_row, keep):
+    """exp(cum_rows - cum_ref_row) where ``keep`` (the difference is <= 0 there), else 0; masked before the exp."""
+    return jnp.where(keep, jnp.exp(jnp.where(keep, cum_rows - cum_ref_row, 0.0)), 0.0)
+
+
+def next_state(state, k, v, cum, last, dot):
+    """The state leaving a chunk: state [bk, bv] float32, k [C, bk], v [C, bv], cum [C, bk], last [1, bk]."""
+    k_out = (k * jnp.exp(last - cum)).astype(k.dtype)
+    return jnp.exp(last).T * state + dot(k_out, v, trans_a=True)
+
+
+def diagonal_scores(q_sub, cum_sub, k_ref, cum_ref, start):
+    """A_ts for t, s inside the sub-chunk at rows [start, start + sub): [sub, sub], zero above the diagonal."""
+    sub = q_sub.shape[0]
+    q_sub = q_sub.astype(cum_sub.dtype)
+    rows = lax.broadcasted_iota(jnp.int32, (sub, 1), 0)
+    cols = lax.broadcasted_iota(jnp.int32, (sub, sub), 1)
+
+    def column(j, scores):
+        k_j = k_ref[pl.ds(start + j, 1), :].astype(cum_sub.dtype)
+        decay = masked_decay(cum_sub, cum_ref[pl.ds(start + j, 1), :], rows >= j)
+        return jnp.where(cols == j, jnp.sum(q_sub * k_j * decay, axis=1, keepdims=True), scores)
+
+    return lax.fori_loop(0, sub, column, jnp.zeros((sub, sub), cum_sub.dtype))
+
+
+def earlier_keys(k, cum, ref_row, start):
+    """k_s * exp(ref_row - cum_s) for the steps s < start of the chunk (exponent <= 0), zero elsewhere: [C, dk]."""
+    before = lax.broadcasted_iota(jnp.int32, (k.shape[0], 1), 0) < start
+    return jnp.where(before, k * masked_decay(ref_row, cum, before), 0.0)
+
+
+def output_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, out_ref, *, sub):
+    """One chunk's output for one dv block: q/k/cum [C, dk], v/out [C, bv], state [dk, bv] (entering the chunk)."""
+    chunk = q_ref.shape[0]
+    dtype = q_ref.dtype
+    dot = make_dot(dtype)
+    k, v, cum, state = k_ref[...], v_ref[...], cum_ref[...], state_ref[...].astype(dtype)
+    for m in range(chunk // sub):
+        start = m * sub
+        rows = pl.ds(start, sub)
+        q_sub, cum_sub = q_ref[rows, :], cum_ref[rows, :]
+        out = dot((q_sub * jnp.exp(cum_sub)).astype(dtype), state)
+        if m:  # earlier sub-chunks, referenced to the last step before this one
+            ref_row = cum_ref[pl.ds(start - 1, 1), :]
+            q_hat = (q_sub * jnp.exp(cum_sub - ref_row)).astype(dtype)
+            scores = dot(q_hat, earlier_keys(k, cum, ref_row, start).astype(dtype), trans_b=True)  # [sub, C]
+            out += dot(scores.astype(dtype), v)
+        scores = diagonal_scores(q_sub, cum_sub, k_ref, cum_ref, start)
+        out += dot(scores.astype(dtype), v_ref[rows, :])
+        out_ref[rows, :] = out.astype(out_ref.dtype)

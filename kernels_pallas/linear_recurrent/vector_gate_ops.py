@@ -1,0 +1,238 @@
+"""Public entry of the chunked vector-gate (GLA) recurrence: checks, padding, backend dispatch, custom VJP."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from attn import _common as c
+from kernels_pallas._common import resolve_backend
+
+MAX_HEAD_DIM = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class VectorGateConfig:
+    """How the vector-gate kernels tile the work.
+
+    Attributes:
+      chunk_size: steps per chunk (the chunk-parallel passes' tile; states are stored once per chunk).
+      sub_chunk: steps per sub-chunk inside a chunk: products between sub-chunks are matmuls, inside one an
+        elementwise loop (see vector_gate_forward); must divide chunk_size.
+      state_block_k, state_block_v: the state block of one program of the sequential state passes (None = all of
+        dk / dv). Smaller blocks give more programs.
+      block_v: value columns per program of the chunk-parallel passes (None = all of dv). Splitting dv gives more
+        programs at the price of recomputing the chunk's gate products and summing partial dq, dk, dgate.
+      num_warps, num_stages: Triton launch settings (ignored on TPU and in interpret mode).
+    """
+
+    chunk_size: int = 64
+    sub_chunk: int = 16
+    state_block_k: int | None = 64
+    state_block_v: int | None = 64
+    block_v: int | None = None
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def validate(self, min_tile: int) -> None:
+        """Raises ValueError unless the sizes are powers of two >= ``min_tile`` and sub_chunk divides chunk_size."""
+        for name in ("chunk_size", "sub_chunk", "state_block_k", "state_block_v", "block_v"):
+            value = getattr(self, name)
+            if value is None and name != "chunk_size" and name != "sub_chunk":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < min_tile or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two >= {min_tile}, got {value!r}")
+        if self.chunk_size % self.sub_chunk:
+            raise ValueError(f"sub_chunk ({self.sub_chunk}) must divide chunk_size ({self.chunk_size})")
+        for name in ("num_warps", "num_stages"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+# GPU (Triton): 64-step chunks of 16-step sub-chunks, as fla's chunk_gla (untuned guesses).
+GPU_DEFAULT = VectorGateConfig(chunk_size=64, sub_chunk=16, state_block_k=64, state_block_v=64, block_v=None,
+                               num_warps=4, num_stages=2)
+# TPU: chunk rows are sublanes (multiples of 8); the chunk-parallel tiles take all of dk and dv.
+TPU_DEFAULT = VectorGateConfig(chunk_size=128, sub_chunk=32, state_block_k=None, state_block_v=None)
+# CPU interpret mode (tests): small chunks so that short inputs take several chunks and sub-chunks (16 is the
+# smallest tile the GPU build accepts).
+INTERPRET_DEFAULT = VectorGateConfig(chunk_size=32, sub_chunk=16, state_block_k=None, state_block_v=None)
+
+
+def default_config(backend: str, interpret) -> VectorGateConfig:
+    if interpret:
+        return INTERPRET_DEFAULT
+    return TPU_DEFAULT if backend == "mosaic_tpu" else GPU_DEFAULT
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """What the kernels need that is not an array (hashable: custom_vjp's non-differentiable argument)."""
+
+    config: VectorGateConfig
+    backend: str
+    interpret: Any
+
+
+def _kernels(backend):
+    if backend == "triton":
+        from kernels_pallas.linear_recurrent import vector_gate_gpu
+
+        return vector_gate_gpu
+    from kernels_pallas.linear_recurrent import vector_gate_tpu
+
+    return vector_gate_tpu
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _recurrence(q, k, v, cum, h0, st: _Static):
+    (out, final), _ = _recurrence_fwd(q, k, v, cum, h0, st)
+    return out, final
+
+
+def _recurrence_fwd(q, k, v, cum, h0, st):
+    kernels = _kernels(st.backend)
+    states, final = kernels.states(k, v, cum, h0, config=st.config, interpret=st.interpret)
+    out = kernels.output(q, k, v, cum, states, config=st.config, interpret=st.interpret)
+    return (out, final), (q, k, v, cum, states)
+
+
+def _recurrence_bwd(st, residuals, cotangents):
+    q, k, v, cum, states = residuals
+    dout, dfinal = cotangents
+    kernels = _kernels(st.backend)
+    acc = cum.dtype
+    dout = dout.astype(q.dtype)
+    dstates, dh0 = kernels.dstates(q, dout, cum, dfinal.astype(acc), config=st.config, interpret=st.interpret)
+    dq, dk, dv, dcum = kernels.backward(q, k, v, cum, states, dstates, dout, config=st.config,
+                                        interpret=st.interpret)
+    return (dq.sum(0).astype(q.dtype), dk.sum(0).astype(k.dtype), dv.astype(v.dtype), dcum.sum(0).astype(acc),
+            dh0.astype(acc))
+
+
+_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+
+
+def _check_inputs(q, k, v, log_gate, initial_state):
+    for name, x in (("q", q), ("k", k), ("v", v), ("log_gate", log_gate)):
+        if getattr(x, "ndim", None) != 4:
+            raise ValueError(f"{name} must have rank 4 [batch, seq, heads, dim], got {getattr(x, 'shape', x)}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape != k.shape:
+        raise ValueError(f"q and k must have the same shape [batch, seq, heads, head_dim], got {q.shape} and {k.shape}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must be [batch, seq, heads, v_head_dim] with q's {q.shape[:3]}, got {v.shape}")
+    b, s, h, dk = q.shape
+    dv = v.shape[3]
+    for name, dim in (("head_dim", dk), ("v_head_dim", dv)):
+        if dim > MAX_HEAD_DIM:
+            raise ValueError(f"{name} must be at most {MAX_HEAD_DIM} (state blocks live in fast memory), got {dim}")
+    if tuple(log_gate.shape) != (b, s, h, dk):
+        raise ValueError(f"log_gate must have shape [batch, seq, heads, head_dim] = {(b, s, h, dk)} (one gate per "
+                         f"key dimension), got {tuple(log_gate.shape)}")
+    if initial_state is not None and tuple(initial_state.shape) != (b, h, dk, dv):
+        raise ValueError(f"initial_state must have shape [batch, heads, head_dim, v_head_dim] = {(b, h, dk, dv)}, "
+                         f"got {tuple(initial_state.shape)}")
+
+
+def _pow2_at_least(n, floor):
+    return max(floor, 1 << max(0, (n - 1).bit_length()))
+
+
+def _resolve_config(config, chunk_size, backend, interpret, dk, dv):
+    """The config with None blocks filled from the (padded) head dims, validated for the backend."""
+    if config is None:
+        config = default_config(backend, interpret)
+    if not isinstance(config, VectorGateConfig):
+        raise ValueError(f"config must be a VectorGateConfig or None, got {type(config).__name__}")
+    if chunk_size is not None:
+        config = dataclasses.replace(config, chunk_size=chunk_size, sub_chunk=min(config.sub_chunk, chunk_size))
+    config.validate(16 if backend == "triton" else 8)
+    blocks = {}
+    for name, dim in (("state_block_k", dk), ("state_block_v", dv), ("block_v", dv)):
+        block = dim if getattr(config, name) is None else min(getattr(config, name), dim)
+        if dim % block:
+            raise ValueError(f"{name} ({block}) must divide the head dim ({dim})")
+        blocks[name] = block
+    return dataclasses.replace(config, **blocks)
+
+
+def chunked_vector_gate_recurrence(
+    q,
+    k,
+    v,
+    log_gate,
+    *,
+    initial_state=None,
+    chunk_size: int | None = None,
+    config: VectorGateConfig | None = None,
+    backend: str | None = None,
+    interpret=False,
+):
+    """Chunked gated linear attention (GLA): ``S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t``.
+
+    Args:
+      q, k: [batch, seq, heads, head_dim]; v: [batch, seq, heads, v_head_dim] (repeat GQA kv heads before; no
+        scale is applied).
+      log_gate: [batch, seq, heads, head_dim], the log forget gate g_t <= 0, one per key dimension.
+      initial_state: None (zeros) or [batch, heads, head_dim, v_head_dim].
+      chunk_size: steps per chunk, a power of two (>= 16 on GPU, >= 8 on TPU); overrides ``config.chunk_size``
+        (the sub-chunk shrinks to it if larger). Any sequence length works (padded with identity steps).
+      config: ``VectorGateConfig``; None = per-device default.
+      backend: "triton" (GPU), "mosaic_tpu" (TPU) or None (from the default device).
+      interpret: run in Pallas' interpreter (CPU tests); for the TPU kernel also a ``pltpu.InterpretParams``.
+
+    Returns ``(out [batch, seq, heads, v_head_dim] in q's dtype, final_state [batch, heads, head_dim, v_head_dim]
+    float32)`` (float64 for float64 inputs, interpret mode only). Differentiable in q, k, v, log_gate and
+    initial_state (``jax.custom_vjp``).
+
+    Paper: "Gated Linear Attention Transformers with Hardware-Efficient Training".
+    """
+    _check_inputs(q, k, v, log_gate, initial_state)
+    if q.dtype == jnp.float64 and not interpret:
+        raise ValueError("q, k, v in float64 are only supported with interpret=True; use float32 or lower")
+    backend = resolve_backend(backend, interpret)
+    if backend == "mosaic_tpu" and interpret is True:
+        from jax.experimental.pallas import tpu as pltpu
+
+        interpret = pltpu.InterpretParams()
+    b, s, h, dk = q.shape
+    dv = v.shape[3]
+    # Triton's dot wants power-of-two dims >= 16: zero columns of q, k, v and the state change nothing.
+    dk_pad = _pow2_at_least(dk, 16) if backend == "triton" else dk
+    dv_pad = _pow2_at_least(dv, 16) if backend == "triton" else dv
+    config = _resolve_config(config, chunk_size, backend, interpret, dk_pad, dv_pad)
+    chunk = config.chunk_size
+    s_pad = -(-max(s, 1) // chunk) * chunk
+    acc = c.compute_dtype(q.dtype)
+
+    # Padded steps have k = v = 0 and gate 0 (identity): the state passes through them unchanged.
+    def prepare(x, d_pad):  # stays [b, s, h, d]: the kernels' block specs pick one head's rows
+        return jnp.pad(x, ((0, 0), (0, s_pad - s), (0, 0), (0, d_pad - x.shape[3])))
+
+    qp, kp, vp = prepare(q, dk_pad), prepare(k, dk_pad), prepare(v, dv_pad)
+    gate = prepare(log_gate.astype(acc), dk_pad)
+    # Inclusive cumulative log gate inside each chunk (its gradient, a reverse cumsum, comes from autodiff).
+    cum = jnp.cumsum(gate.reshape(b, s_pad // chunk, chunk, h, dk_pad), axis=2).reshape(b, s_pad, h, dk_pad)
+    h0 = jnp.zeros((b, h, dk, dv), acc) if initial_state is None else initial_state.astype(acc)
+    h0 = jnp.pad(h0, ((0, 0), (0, 0), (0, dk_pad - dk), (0, dv_pad - dv)))
+
+    out, final = _recurrence(qp, kp, vp, cum, h0, _Static(config, backend, interpret))
+    return out[:, :s, :, :dv], final[:, :, :dk, :dv]
+
+
+def mechanism_recurrence(q, k, v, log_gate, *, initial_state, segment_ids, chunk_size):
+    """``implementation="pallas"`` of attn's ``gla``: the kernel for the default device, in Pallas' interpreter on
+    the CPU. Inputs already scaled and with GQA heads repeated."""
+    if segment_ids is not None:
+        raise ValueError("segment_ids are not supported by implementation='pallas'; use 'chunked'")
+    return chunked_vector_gate_recurrence(q, k, v, log_gate, initial_state=initial_state, chunk_size=chunk_size,
+                                          interpret=jax.default_backend() == "cpu")
