@@ -15,6 +15,13 @@ def _example_params(key, q_shape, kv_shape, v_head_dim, causal):
     return {"beta": jax.nn.sigmoid(jax.random.normal(key, (b, s, h)))}
 
 
+def pallas_or_form(q, k, v, causal, implementation, chunk_size, name):
+    """The form for ``delta_attention``: "pallas" (dispatched there), else the checked recurrent form."""
+    checked = None if implementation == "pallas" else implementation
+    form = r.mechanism_setup(q, k, v, causal, checked, chunk_size, name)
+    return "pallas" if implementation == "pallas" else form
+
+
 def delta_attention(
     q, k, v, *, scale, beta, log_gate, initial_state, segment_ids, return_state, chunk_size, form
 ):
@@ -25,10 +32,19 @@ def delta_attention(
     k, v = c.repeat_kv(k, h), c.repeat_kv(v, h)
     qn = r.l2_normalize(q.astype(dt)) * scale
     kn = r.l2_normalize(k.astype(dt))
-    out, state = r.delta_recurrence(
-        qn, kn, v, beta.astype(dt), log_gate=None if log_gate is None else log_gate.astype(dt),
-        initial_state=initial_state, segment_ids=segment_ids, implementation=form, chunk_size=chunk_size,
-    )
+    log_gate = None if log_gate is None else log_gate.astype(dt)
+    if form == "pallas":  # the Pallas kernel keeps the input dtype (float32 state and WY maths inside)
+        from kernels_pallas.linear_recurrent import delta_ops
+
+        out, state = delta_ops.mechanism_recurrence(
+            qn.astype(q.dtype), kn.astype(q.dtype), v, beta.astype(dt), log_gate, initial_state=initial_state,
+            segment_ids=segment_ids, chunk_size=chunk_size,
+        )
+    else:
+        out, state = r.delta_recurrence(
+            qn, kn, v, beta.astype(dt), log_gate=log_gate, initial_state=initial_state, segment_ids=segment_ids,
+            implementation=form, chunk_size=chunk_size,
+        )
     out = out.astype(q.dtype)
     return (out, state) if return_state else out
 
@@ -42,7 +58,7 @@ def delta_attention(
     causal=(True,),
     segment_ids=True,
     cross=False,
-    implementations=r.MECHANISM_FORMS,
+    implementations=r.MECHANISM_FORMS + ("pallas",),
     example_params=_example_params,
 )
 def delta_rule(
@@ -66,13 +82,14 @@ def delta_rule(
     its SiLU feature map, left to the model), so the transition is a contraction for ``beta`` in (0, 1);
     ``scale`` (default 1/sqrt(head_dim)) then multiplies q. ``beta`` [batch, seq, heads]: writing strength per
     query head and step (the model's ``sigmoid(x W)``). Forms: "recurrent" (scan), "chunked" (default;
-    WY/UT transform: per chunk a unit lower-triangular solve, then a scan over chunks) and "xla" (the chunked
-    form with one chunk covering the sequence: quadratic). ``initial_state``/``return_state``/``segment_ids``
-    as in ``gla``.
+    WY/UT transform: per chunk a unit lower-triangular solve, then a scan over chunks), "xla" (the chunked
+    form with one chunk covering the sequence: quadratic) and "pallas" (``kernels_pallas.linear_recurrent.
+    delta_ops``: the chunked form with the sequential state pass as a Pallas kernel, interpreted on the CPU; no
+    ``segment_ids``). ``initial_state``/``return_state``/``segment_ids`` as in ``gla``.
 
     Paper: "Parallelizing Linear Transformers with the Delta Rule over Sequence Length".
     """
-    form = r.mechanism_setup(q, k, v, causal, implementation, chunk_size, "delta_rule")
+    form = pallas_or_form(q, k, v, causal, implementation, chunk_size, "delta_rule")
     b, s, h, _ = q.shape
     beta = r.check_shape(beta, (b, s, h), "beta", "[batch, seq, heads]")
     initial_state = r.check_state(initial_state, q, v)

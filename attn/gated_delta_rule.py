@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from attn import _recurrent as r
 from attn._registry import register
-from attn.delta_rule import delta_attention
+from attn.delta_rule import delta_attention, pallas_or_form
 
 
 def _example_params(key, q_shape, kv_shape, v_head_dim, causal):
@@ -28,7 +28,7 @@ def _example_params(key, q_shape, kv_shape, v_head_dim, causal):
     causal=(True,),
     segment_ids=True,
     cross=False,
-    implementations=r.MECHANISM_FORMS,
+    implementations=r.MECHANISM_FORMS + ("pallas",),
     example_params=_example_params,
 )
 def gated_delta_rule(
@@ -52,11 +52,11 @@ def gated_delta_rule(
     ``beta`` [batch, seq, heads] in (0, 1). q and k are L2-normalised here and ``scale`` multiplies q, as in
     ``delta_rule``; the chunked form is the delta rule's WY/UT transform with the gate's cumulative decays
     inside each chunk (only differences of cumulative log gates are exponentiated). Forms, GQA, state
-    handling and ``segment_ids`` as in ``delta_rule``.
+    handling, ``segment_ids`` and the "pallas" form as in ``delta_rule``.
 
     Paper: "Gated Delta Networks: Improving Mamba2 with Delta Rule".
     """
-    form = r.mechanism_setup(q, k, v, causal, implementation, chunk_size, "gated_delta_rule")
+    form = pallas_or_form(q, k, v, causal, implementation, chunk_size, "gated_delta_rule")
     b, s, h, _ = q.shape
     beta = r.check_shape(beta, (b, s, h), "beta", "[batch, seq, heads]")
     log_gate = r.check_shape(log_gate, (b, s, h), "log_gate", "[batch, seq, heads]")

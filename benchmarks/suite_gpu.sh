@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The suite on one GPU, in parts that each fit a device call of 10 minutes; `--merge` then combines them.
-# Usage (device machine, repo root): bash benchmarks/suite_gpu.sh PART OUT_DIR
+# Usage (device machine, repo root): bash benchmarks/suite_gpu.sh PART OUT_DIR [more suite arguments]
 #   PART: attention (dense, sliding window, block sparse at S2048 and S16384, causal, D128),
-#         linear (the gated linear recurrences at S2048 and S16384), scan (the complexity scan only).
+#         linear (the gated linear recurrences at S2048 and S16384), scan (the complexity scan only);
+#   arguments after OUT_DIR go to the suite last, so they override the part's (e.g. --seqs 2048).
 # Peers that are not on the machine travel as wheels: tokamax and its needs in .whl_tk/ (with .whl_tk/shim, a
 # stand-in for xprof, which tokamax imports only for its own profiler), fla-core in .whl_fla/.
 set -uo pipefail
@@ -18,9 +19,9 @@ budget=${SUITE_BUDGET:-430}
 common=(--out "$out" --budget "$budget" --min-time 0.25 --head-dims 128 --seqs 2048 16384)
 case $part in
   attention) args=(--families dense sliding_window block_sparse --causal causal --windows 512 --densities 0.25 --no-scan) ;;
-  linear) args=(--families linear_recurrent --mechanisms simple_gla gla retention --no-scan) ;;
+  linear) args=(--families linear_recurrent --mechanisms simple_gla gla delta_rule --no-scan) ;;
   scan) args=(--families none --scan-seqs 1024 4096 16384) ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
 # XLA's out-of-memory reports run to thousands of lines: keep the suite's own log lines and errors.
-python3 -m benchmarks.suite "${common[@]}" "${args[@]}" 2>&1 | grep -E '^\[|Error' | cut -c1-400
+python3 -m benchmarks.suite "${common[@]}" "${args[@]}" "${@:3}" 2>&1 | grep -E '^\[|Error' | cut -c1-400

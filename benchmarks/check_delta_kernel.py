@@ -1,0 +1,164 @@
+"""GPU check of the Pallas (gated) delta-rule kernel: errors against XLA's chunked form, then a few timings.
+
+Run on the GPU machine from the repository root: ``PYTHONPATH=. python benchmarks/check_delta_kernel.py``.
+1. Triton build, B2 S1024 H4 D128: the gated delta rule in bf16 and float32 and the plain one in bf16: output,
+   final state and the gradients of q, k, v, beta, log_gate and the initial state against
+   ``attn._recurrent.delta_recurrence`` (chunked, float32 maths on the same inputs); prints max abs and relative
+   (Frobenius) errors.
+2. Forward and forward+backward of the gated delta rule at B4 S8192 H16 D128 bf16 for a few configs, and XLA's
+   chunked form for comparison: median ms and tokens/s.
+Everything printed also goes to $OUT/check_delta_kernel.txt ($OUT defaults to /tmp). Time-boxed to ~150 s.
+``--smoke``: tiny shapes in Pallas' interpreter (a CPU dry run of the script itself).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import sys
+import time
+import traceback
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from attn import _recurrent as r  # noqa: E402
+from kernels_pallas.linear_recurrent.delta_ops import GPU_DEFAULT, chunked_delta_recurrence  # noqa: E402
+
+START = time.perf_counter()
+BUDGET_S = 150.0
+LOG_PATH = os.path.join(os.environ.get("OUT", "/tmp"), "check_delta_kernel.txt")
+SMOKE = "--smoke" in sys.argv
+CHECK_SHAPE = (1, 40, 2, 32) if SMOKE else (2, 1024, 4, 128)  # batch, seq, heads, head_dim
+BENCH_SHAPE = (1, 64, 2, 32) if SMOKE else (4, 8192, 16, 128)
+
+
+def log(*parts):
+    line = " ".join(str(p) for p in (f"[{time.perf_counter() - START:5.1f}s]",) + parts)
+    print(line, flush=True)
+    with open(LOG_PATH, "a") as f:
+        f.write(line + "\n")
+
+
+def inputs(key, b, s, h, d, dtype):
+    """q, k as attn's delta rules pass them (L2-normalised, q scaled), beta in (0, 1), the gate of the paper's
+    range, an initial state and cotangents."""
+    keys = jax.random.split(key, 8)
+    q = (r.l2_normalize(jax.random.normal(keys[0], (b, s, h, d))) * d**-0.5).astype(dtype)
+    k = r.l2_normalize(jax.random.normal(keys[1], (b, s, h, d))).astype(dtype)
+    v = jax.random.normal(keys[2], (b, s, h, d)).astype(dtype)
+    beta = jax.nn.sigmoid(jax.random.normal(keys[3], (b, s, h)))
+    gate = jax.nn.log_sigmoid(jax.random.normal(keys[4], (b, s, h)) + 2.0)
+    h0 = jax.random.normal(keys[5], (b, h, d, d))
+    dout = jax.random.normal(keys[6], (b, s, h, d)).astype(dtype)
+    dfinal = jax.random.normal(keys[7], (b, h, d, d))
+    return q, k, v, beta, gate, h0, dout, dfinal
+
+
+def errors(name, got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    if not np.all(np.isfinite(got)):
+        return f"{name}: NON-FINITE"
+    rel = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
+    return f"{name}: max_abs {np.max(np.abs(got - want)):.2e} rel {rel:.2e}"
+
+
+def check(dtype, gated):
+    q, k, v, beta, gate, h0, dout, dfinal = inputs(jax.random.key(1), *CHECK_SHAPE, dtype)
+    if not gated:
+        gate = jnp.zeros_like(gate)  # passed as None below; kept so that both runs take the same arguments
+
+    def kernel(q, k, v, beta, g, h0):
+        return chunked_delta_recurrence(q, k, v, beta, g if gated else None, initial_state=h0, backend="triton",
+                                        interpret=SMOKE)
+
+    def reference(q, k, v, beta, g, h0):
+        q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+        out, final = r.delta_recurrence(q, k, v, beta, log_gate=g if gated else None, initial_state=h0,
+                                        implementation="chunked", chunk_size=64)
+        return out.astype(dtype), final
+
+    results = []
+    for fn in (kernel, reference):
+        (out, final), vjp = jax.vjp(jax.jit(fn), q, k, v, beta, gate, h0)
+        grads = jax.jit(vjp)((dout, dfinal))
+        results.append((out, final) + tuple(grads))
+    names = ("out", "final", "dq", "dk", "dv", "dbeta", "dlog_gate", "dh0")
+    if not gated:
+        names = names[:6] + ("(no gate)", "dh0")
+    label = f"{'gated' if gated else 'plain'} D{CHECK_SHAPE[3]} {jnp.dtype(dtype).name}:"
+    log(label, "; ".join(errors(n, a, b) for n, a, b in zip(names, *results) if n != "(no gate)"))
+
+
+def time_call(fn, *args, reps=2 if SMOKE else 10):
+    jax.block_until_ready(fn(*args))  # compile + warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench(forward, label):
+    b, s, h, d = BENCH_SHAPE
+    q, k, v, beta, gate, _, dout, _ = inputs(jax.random.key(0), b, s, h, d, jnp.bfloat16)
+    fwd = jax.jit(forward)
+
+    def loss(q, k, v, beta, g):
+        return jnp.sum(fwd(q, k, v, beta, g).astype(jnp.float32) * dout.astype(jnp.float32))
+
+    fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+    for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+        if time.perf_counter() - START > BUDGET_S:
+            log(f"{label} {mode}: skipped (time budget)")
+            continue
+        try:
+            sec = time_call(fn, q, k, v, beta, gate)
+            log(f"{label} {mode}: {sec * 1e3:.3f} ms, {b * s / sec / 1e6:.2f} M tokens/s")
+        except Exception as e:  # a config that does not compile must not hide the others
+            log(f"{label} {mode}: FAILED {type(e).__name__}: {str(e)[:600]}")
+
+
+def kernel_forward(config):
+    def forward(q, k, v, beta, g):
+        return chunked_delta_recurrence(q, k, v, beta, g, config=config, backend="triton", interpret=SMOKE)[0]
+
+    return forward
+
+
+def xla_forward(q, k, v, beta, g):
+    out, _ = r.delta_recurrence(q, k, v, beta, log_gate=g, implementation="chunked", chunk_size=64)
+    return out.astype(q.dtype)
+
+
+def main():
+    log("devices:", jax.devices(), "jax", jax.__version__)
+    for dtype, gated in ((jnp.bfloat16, True), (jnp.float32, True), (jnp.bfloat16, False)):
+        try:
+            check(dtype, gated)
+        except Exception as e:
+            log(f"{'gated' if gated else 'plain'} {jnp.dtype(dtype).name}: FAILED {type(e).__name__}: {str(e)[:1500]}")
+            log(traceback.format_exc()[-1500:])
+    chunk = 16 if SMOKE else GPU_DEFAULT.chunk_size  # the interpreter's smallest tile keeps --smoke quick
+    default = dataclasses.replace(GPU_DEFAULT, chunk_size=chunk)
+    variants = [
+        ("default", default),
+        ("block_v32", dataclasses.replace(default, block_v=32)),
+        ("block_v128", dataclasses.replace(default, block_v=128)),
+        ("warps8", dataclasses.replace(default, num_warps=8)),
+        ("stages1", dataclasses.replace(default, num_stages=1)),
+    ]
+    for label, config in variants:
+        log(f"config {label}: {config}")
+        bench(kernel_forward(config), label)
+    bench(xla_forward, "xla chunked (attn._recurrent)")
+    log("done")
+
+
+if __name__ == "__main__":
+    main()

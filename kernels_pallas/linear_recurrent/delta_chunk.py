@@ -1,0 +1,59 @@
+"""The WY preparation of the chunked (gated) delta rule, in plain JAX (XLA, differentiated by JAX's autodiff): the
+state-independent part of every chunk, computed in parallel before the sequential state pass.
+
+Recurrence ("Parallelizing Linear Transformers with the Delta Rule over Sequence Length"; gated: "Gated Delta
+Networks: Improving Mamba2 with Delta Rule"), state S [dk, dv] (the papers' transpose):
+
+  S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,   o_t = S_t^T q_t,   a_t = exp(g_t)
+
+Inside a chunk of C steps let c_t = g_1 + ... + g_t (inclusive, from the chunk start; c_t <= 0), L = c_C, S0 the
+state entering the chunk. Writing S_t = exp(c_t) S0 + sum_{s<=t} exp(c_t - c_s) k_s u_s^T, the new value
+u_t = beta_t (v_t - (a_t S_{t-1})^T k_t) unrolls to
+
+  u_t + sum_{s<t} beta_t exp(c_t - c_s) (k_t . k_s) u_s = beta_t v_t - beta_t exp(c_t) S0^T k_t
+
+i.e. (I + A) U = diag(beta) V - diag(beta exp(c)) K S0 with A strictly lower triangular. With
+T = (I + A)^-1 (the UT transform) this is U = U0 - W S0, U0 = T diag(beta) V, W = T diag(beta exp(c)) K, both
+independent of S0, so every chunk solves its triangular system in parallel. Then
+
+  S1  = exp(L) S0 + (K * exp(L - c))^T U                    (the sequential pass: ``delta_gpu`` / ``delta_tpu``)
+  O   = (Q * exp(c)) S0 + ((Q K^T) * exp(c_t - c_s) [s <= t]) U   (``delta_output_gpu`` / ``delta_output_tpu``)
+
+Only differences c_t - c_s with s <= t (and L - c_s, c_t) are exponentiated: every exponent is <= 0.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def decay_matrix(cum, inclusive: bool):
+    """exp(c_t - c_s) for s <= t (s < t when not inclusive), else 0: cum [..., C] -> [..., C, C].
+
+    Masked before the exp (the s > t differences are positive and could overflow), and masked again so that their
+    gradients are exactly zero.
+    """
+    t = jnp.arange(cum.shape[-1])
+    keep = (t[:, None] >= t[None, :]) if inclusive else (t[:, None] > t[None, :])
+    diff = cum[..., :, None] - cum[..., None, :]
+    return jnp.where(keep, jnp.exp(jnp.where(keep, diff, 0.0)), 0.0)
+
+
+def wy_prepare(k, v, beta, cum):
+    """The state-independent parts of every chunk.
+
+    k [b, h, n, C, dk], v [b, h, n, C, dv], beta and cum [b, h, n, C] (all in the accumulation dtype) ->
+    (u0 [.., C, dv], w [.., C, dk], k_out [.., C, dk]) with U = u0 - w S0 the chunk's new values and
+    k_out = K * exp(L - c) the keys decayed to the chunk end.
+    """
+    chunk = k.shape[-2]
+    strict = decay_matrix(cum, inclusive=False)
+    lower = jnp.eye(chunk, dtype=k.dtype) + beta[..., :, None] * strict * jnp.einsum("...td,...sd->...ts", k, k)
+    rhs = jnp.concatenate([beta[..., None] * v, (beta * jnp.exp(cum))[..., None] * k], axis=-1)
+    # One unit lower-triangular solve per chunk for both right-hand sides (T applied without forming it).
+    sol = jax.lax.linalg.triangular_solve(lower, rhs, left_side=True, lower=True, unit_diagonal=True)
+    dv = v.shape[-1]
+    k_out = k * jnp.exp(cum[..., -1:] - cum)[..., None]
+    return sol[..., :dv], sol[..., dv:], k_out
+

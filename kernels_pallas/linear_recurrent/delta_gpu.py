@@ -1,0 +1,125 @@
+"""The (gated) delta rule's sequential state pass on GPU (Pallas, Triton backend), forward and reverse.
+
+One program per (batch, head, dv block) carries a float32 state block [dk, block_v] in registers through a
+``fori_loop`` over the chunks (all of dk: the correction ``w S`` contracts it; dv blocks are independent). The
+algebra is ``delta_math``.
+
+- ``states``: stores the state entering every chunk and the chunk's corrected values U = u0 - w S (what the output
+  step needs), returns the final state.
+- ``dstates``: the reverse walk from the final state's cotangent: d u0, d w, d k_out, the chunks' total log gate
+  gradients (written at each chunk's last row of a [s] array, to match the ``cum`` input) and d initial_state.
+  d w, d k_out and the gate gradient are partial sums over dv blocks: a leading [n_v] axis the caller sums.
+
+Inputs are heads-first [batch, heads, seq, dim], padded by ``delta_ops``: sequence to a chunk multiple, head dims to
+powers of two >= 16 (Triton's dot needs them).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from kernels_pallas.linear_recurrent import delta_math
+from kernels_pallas.linear_recurrent.gpu_forward import acc_dtype, chunk_tiles, compiler_params, make_dot
+
+
+def _chunk_last(cum_ref, rows, is_last):
+    """The chunk's total log gate (its last inclusive cumulative value) as a scalar."""
+    return jnp.sum(jnp.where(is_last, cum_ref[rows], 0.0))
+
+
+def _states_kernel(w_ref, u0_ref, kout_ref, cum_ref, h0_ref, states_ref, u_ref, final_ref, *, chunk, n_chunks):
+    dot = make_dot(w_ref.dtype)
+    _, is_last = chunk_tiles(chunk)
+
+    def body(n, state):
+        rows = pl.ds(n * chunk, chunk)
+        states_ref[n] = state.astype(states_ref.dtype)
+        u, state = delta_math.advance(w_ref[rows, :], u0_ref[rows, :], kout_ref[rows, :],
+                                      _chunk_last(cum_ref, rows, is_last), state, dot)
+        u_ref[rows, :] = u.astype(u_ref.dtype)
+        return state
+
+    final_ref[...] = lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(final_ref.dtype))
+
+
+def _specs(s, dk, bv, n_chunks):
+    """Whole-sequence tiles of one (batch, head, dv block): dk-wide, bv-wide, gates, state, all states."""
+    seq_k = pl.BlockSpec((None, None, s, dk), lambda bi, hi, vi: (bi, hi, 0, 0))
+    seq_v = pl.BlockSpec((None, None, s, bv), lambda bi, hi, vi: (bi, hi, 0, vi))
+    gates = pl.BlockSpec((None, None, s), lambda bi, hi, vi: (bi, hi, 0))
+    state = pl.BlockSpec((None, None, dk, bv), lambda bi, hi, vi: (bi, hi, 0, vi))
+    all_states = pl.BlockSpec((None, None, n_chunks, dk, bv), lambda bi, hi, vi: (bi, hi, 0, 0, vi))
+    return seq_k, seq_v, gates, state, all_states
+
+
+def states(w, u0, k_out, cum, h0, *, config, interpret):
+    """w/k_out [b, h, s, dk], u0 [b, h, s, dv], cum [b, h, s], h0 [b, h, dk, dv] (acc dtype) ->
+    (states entering each chunk [b, h, n, dk, dv] and U like u0, both in w's dtype; final state like h0)."""
+    b, h, s, dk = w.shape
+    dv = u0.shape[-1]
+    chunk, bv = config.chunk_size, config.block_v
+    n_chunks = s // chunk
+    seq_k, seq_v, gates, state, all_states = _specs(s, dk, bv, n_chunks)
+    return pl.pallas_call(
+        functools.partial(_states_kernel, chunk=chunk, n_chunks=n_chunks),
+        grid=(b, h, dv // bv),
+        in_specs=[seq_k, seq_v, seq_k, gates, state],
+        out_specs=[all_states, seq_v, state],
+        out_shape=[jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), w.dtype), jax.ShapeDtypeStruct(u0.shape, w.dtype),
+                   jax.ShapeDtypeStruct(h0.shape, h0.dtype)],
+        compiler_params=compiler_params(config),
+        interpret=interpret,
+        name="delta_states",
+    )(w, u0, k_out, cum, h0)
+
+
+def _dstates_kernel(w_ref, kout_ref, cum_ref, states_ref, u_ref, dstates_ref, du_ref, dfinal_ref,
+                    du0_ref, dw_ref, dkout_ref, dcum_ref, dh0_ref, *, chunk, n_chunks):
+    dot = make_dot(w_ref.dtype)
+    _, is_last = chunk_tiles(chunk)
+
+    def body(i, dstate):
+        n = n_chunks - 1 - i
+        rows = pl.ds(n * chunk, chunk)
+        last = _chunk_last(cum_ref, rows, is_last)
+        du_tot, dw, dk_out, dlast, dprev = delta_math.retreat(
+            w_ref[rows, :], kout_ref[rows, :], u_ref[rows, :], du_ref[rows, :], last, states_ref[n], dstate, dot,
+            keepdims=False)
+        du0_ref[rows, :] = du_tot.astype(du0_ref.dtype)
+        dw_ref[rows, :] = dw.astype(dw_ref.dtype)
+        dkout_ref[rows, :] = dk_out.astype(dkout_ref.dtype)
+        dcum_ref[rows] = jnp.where(is_last, dlast, 0.0).astype(dcum_ref.dtype)
+        return dprev + dstates_ref[n].astype(dprev.dtype)
+
+    dh0_ref[...] = lax.fori_loop(0, n_chunks, body, dfinal_ref[...].astype(dh0_ref.dtype))
+
+
+def dstates(w, k_out, cum, all_states, u, dall_states, du, dfinal, *, config, interpret):
+    """Reverse of ``states`` given the cotangents of its outputs (dall_states, du, dfinal) ->
+    (d u0 like u, d w [n_v, b, h, s, dk], d k_out like d w, d cum [n_v, b, h, s], d h0 like dfinal); all in the
+    accumulation dtype."""
+    b, h, s, dk = w.shape
+    dv = u.shape[-1]
+    chunk, bv = config.chunk_size, config.block_v
+    n_chunks, n_v = s // chunk, dv // bv
+    seq_k, seq_v, gates, state, all_states_spec = _specs(s, dk, bv, n_chunks)
+    partial_k = pl.BlockSpec((None, None, None, s, dk), lambda bi, hi, vi: (vi, bi, hi, 0, 0))
+    partial_gates = pl.BlockSpec((None, None, None, s), lambda bi, hi, vi: (vi, bi, hi, 0))
+    acc = acc_dtype(w.dtype)
+    return pl.pallas_call(
+        functools.partial(_dstates_kernel, chunk=chunk, n_chunks=n_chunks),
+        grid=(b, h, n_v),
+        in_specs=[seq_k, seq_k, gates, all_states_spec, seq_v, all_states_spec, seq_v, state],
+        out_specs=[seq_v, partial_k, partial_k, partial_gates, state],
+        out_shape=[jax.ShapeDtypeStruct(u.shape, acc), jax.ShapeDtypeStruct((n_v,) + w.shape, acc),
+                   jax.ShapeDtypeStruct((n_v,) + w.shape, acc), jax.ShapeDtypeStruct((n_v,) + cum.shape, acc),
+                   jax.ShapeDtypeStruct(dfinal.shape, dfinal.dtype)],
+        compiler_params=compiler_params(config),
+        interpret=interpret,
+        name="delta_dstates",
+    )(w, k_out, cum, all_states, u, dall_states, du, dfinal)

@@ -1,0 +1,59 @@
+"""The (gated) delta rule's chunk-parallel output step on GPU (Pallas, Triton backend), forward and backward.
+
+Forward: O = ((Q K^T) * D) U + (Q * exp(c)) S per chunk is the scalar-gate output with the corrected values U in
+place of V, so ``output`` is ``gpu_forward.output``. Backward: one program per (batch, head, chunk) takes the
+chunk's state S and gives dq, dk, dU, the cumulative log gates' gradient and dS (``delta_math.output_gradients``);
+whole heads per program (dq, dk and the gate gradient contract over dv, dU over dk).
+Inputs are heads-first [batch, heads, seq, dim], padded by ``delta_ops``.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.experimental import pallas as pl
+
+from kernels_pallas.linear_recurrent import delta_math, gpu_forward
+from kernels_pallas.linear_recurrent.gpu_forward import acc_dtype, chunk_tiles, compiler_params, make_dot
+
+
+def output(q, k, u, cum, all_states, *, config, interpret):
+    """q/k [b, h, s, dk], u [b, h, s, dv], cum [b, h, s], all_states [b, h, n, dk, dv] -> out like u in q's dtype."""
+    return gpu_forward.output(q, k, u, cum, all_states, config=config, interpret=interpret)
+
+
+def _gradient_kernel(q_ref, k_ref, u_ref, dout_ref, cum_ref, state_ref, dq_ref, dk_ref, du_ref, dcum_ref,
+                     dstate_ref):
+    causal, _ = chunk_tiles(q_ref.shape[0])
+    cum = cum_ref[...]
+    dq, dk, du, dcum, dstate = delta_math.output_gradients(
+        q_ref[...], k_ref[...], u_ref[...], dout_ref[...], cum[:, None], cum[None, :], causal, state_ref[...],
+        make_dot(q_ref.dtype), keepdims=False)
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    du_ref[...] = du.astype(du_ref.dtype)
+    dcum_ref[...] = dcum.astype(dcum_ref.dtype)
+    dstate_ref[...] = dstate.astype(dstate_ref.dtype)
+
+
+def output_gradients(q, k, u, dout, cum, all_states, *, config, interpret):
+    """-> (dq, dk like q, du like u, dcum like cum, d all_states like all_states), in the accumulation dtype."""
+    b, h, s, dk = q.shape
+    dv = u.shape[-1]
+    chunk = config.chunk_size
+    qk_spec = pl.BlockSpec((None, None, chunk, dk), lambda bi, hi, n: (bi, hi, n, 0))
+    v_spec = pl.BlockSpec((None, None, chunk, dv), lambda bi, hi, n: (bi, hi, n, 0))
+    cum_spec = pl.BlockSpec((None, None, chunk), lambda bi, hi, n: (bi, hi, n))
+    state_spec = pl.BlockSpec((None, None, None, dk, dv), lambda bi, hi, n: (bi, hi, n, 0, 0))
+    acc = acc_dtype(q.dtype)
+    return pl.pallas_call(
+        _gradient_kernel,
+        grid=(b, h, s // chunk),
+        in_specs=[qk_spec, qk_spec, v_spec, v_spec, cum_spec, state_spec],
+        out_specs=[qk_spec, qk_spec, v_spec, cum_spec, state_spec],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, acc), jax.ShapeDtypeStruct(k.shape, acc),
+                   jax.ShapeDtypeStruct(u.shape, acc), jax.ShapeDtypeStruct(cum.shape, acc),
+                   jax.ShapeDtypeStruct(all_states.shape, acc)],
+        compiler_params=compiler_params(config),
+        interpret=interpret,
+        name="delta_output_gradients",
+    )(q, k, u, dout, cum, all_states)
