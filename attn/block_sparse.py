@@ -39,14 +39,18 @@ def resolve_block_size(block_size) -> tuple[int, int]:
 
 
 def check_layout(layout, batch: int, heads: int, q_blocks: int, kv_blocks: int) -> jax.Array:
-    """Layout [qb, kb], [heads, qb, kb] or [batch, heads, qb, kb] (boolean) -> rank 4 array."""
+    """Layout [qb, kb], [heads, qb, kb] or [batch, heads, qb, kb] (boolean; in rank 4, batch and heads may be 1
+    to broadcast) -> rank 4 array [batch|1, heads|1, qb, kb]."""
     layout = jnp.asarray(layout)
     if layout.dtype != jnp.bool_:
         raise ValueError(f"layout must be boolean (True = keep the block), got dtype {layout.dtype}")
-    shapes = [(q_blocks, kv_blocks), (heads, q_blocks, kv_blocks), (batch, heads, q_blocks, kv_blocks)]
-    if layout.shape not in shapes:
+    shapes = [(q_blocks, kv_blocks), (heads, q_blocks, kv_blocks)]
+    rank4 = (layout.ndim == 4 and layout.shape[0] in (1, batch) and layout.shape[1] in (1, heads)
+             and layout.shape[2:] == (q_blocks, kv_blocks))
+    if layout.shape not in shapes and not rank4:
         raise ValueError(f"layout must have shape [q_blocks, kv_blocks] = {shapes[0]}, [heads, ...] = "
-                         f"{shapes[1]} or [batch, heads, ...] = {shapes[2]}, got {layout.shape}")
+                         f"{shapes[1]} or [batch|1, heads|1, ...] = {(batch, heads, q_blocks, kv_blocks)}, got "
+                         f"{layout.shape}")
     return layout.reshape((1,) * (4 - layout.ndim) + layout.shape)
 
 
