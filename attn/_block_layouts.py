@@ -157,3 +157,48 @@ def routing_layout(q_clusters, k_clusters, *, include_self: bool = True) -> jax.
     if include_self:
         keep = keep | jnp.eye(q_clusters.shape[-1], k_clusters.shape[-1], dtype=bool)
     return keep
+
+
+# --- block layouts and fine masks for the block-sparse kernels (implementation="pallas") ----------------
+
+
+def diagonal_blocks(q_blocks: int, kv_blocks: int, q_block: int, kv_block: int) -> np.ndarray:
+    """[qb, kb]: the blocks holding some pair of equal positions i == j."""
+    first_row = np.arange(q_blocks)[:, None] * q_block
+    first_col = np.arange(kv_blocks)[None, :] * kv_block
+    return (first_col < first_row + q_block) & (first_row < first_col + kv_block)
+
+
+def routing_block_layout(q_clusters, k_clusters, num_clusters: int, q_block: int, kv_block: int) -> jax.Array:
+    """[b, h, qb, kb] blocks of ``routing_layout``: block (I, J) kept iff a query of I and a key of J share a
+    cluster, or I and J hold a diagonal pair. Ids outside [0, num_clusters) (padding) match nothing."""
+    b, h, sq = q_clusters.shape
+    sk = k_clusters.shape[-1]
+    present = lambda ids, block: jax.nn.one_hot(ids, num_clusters, dtype=jnp.int32).reshape(
+        b, h, ids.shape[-1] // block, block, num_clusters).max(3)  # [b, h, blocks, C]: cluster occurs in block
+    shared = jnp.einsum("bhic,bhjc->bhij", present(q_clusters, q_block), present(k_clusters, kv_block)) > 0
+    return shared | diagonal_blocks(sq // q_block, sk // kv_block, q_block, kv_block)
+
+
+def moba_block_layout(picked, q_block: int) -> jax.Array:
+    """MoBA selection [b, h, sq, kb] -> [b, h, sq / q_block, kb]: the union over each block's queries."""
+    b, h, sq, kb = picked.shape
+    return picked.reshape(b, h, sq // q_block, q_block, kb).any(3)
+
+
+def moba_bits(picked) -> jax.Array:
+    """MoBA selection [b, h, sq, kb] -> int32 words [b, h, sq, ceil(kb / 32)]: bit n % 32 of word n // 32
+    is set iff the query picked key block n (the kernels' ``key_block_bits``)."""
+    kb = picked.shape[-1]
+    words = -(-kb // 32)
+    picked = jnp.pad(picked, [(0, 0)] * (picked.ndim - 1) + [(0, words * 32 - kb)])
+    weights = jnp.left_shift(jnp.uint32(1), jnp.arange(32, dtype=jnp.uint32))
+    packed = (picked.reshape(picked.shape[:-1] + (words, 32)).astype(jnp.uint32) * weights).sum(-1, dtype=jnp.uint32)
+    return jax.lax.bitcast_convert_type(packed, jnp.int32)
+
+
+def pad_sequence(x, length: int, axis: int, value=0):
+    """Pads ``x`` with ``value`` along ``axis`` up to ``length`` (a multiple of the kernels' block)."""
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, length - x.shape[axis])
+    return jnp.pad(x, pad, constant_values=value)

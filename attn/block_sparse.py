@@ -75,7 +75,7 @@ def _example_params(key, q_shape, kv_shape, v_head_dim, causal):
     segment_ids=True,
     cross=True,
     gqa=True,
-    implementations=("xla",),
+    implementations=("xla", "pallas"),
     example_params=_example_params,
     seq_multiple=4,
     exact=True,

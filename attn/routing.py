@@ -6,7 +6,13 @@ import jax
 import jax.numpy as jnp
 
 from attn import _common as c
-from attn._block_layouts import attend_with_pattern, nearest_centroid, routing_layout
+from attn._block_layouts import (
+    attend_with_pattern,
+    nearest_centroid,
+    pad_sequence,
+    routing_block_layout,
+    routing_layout,
+)
 from attn._registry import register
 
 
@@ -46,7 +52,7 @@ def _example_params(key, q_shape, kv_shape, v_head_dim, causal):
     segment_ids=True,
     cross=False,
     gqa=True,
-    implementations=("xla",),
+    implementations=("xla", "pallas"),
     example_params=_example_params,
     exact=True,
 )
@@ -68,13 +74,25 @@ def routing_attention(
     ``update_centroids``); each query/key goes to the centroid of largest cosine similarity (its kv head's key
     for GQA). We use this nearest-centroid assignment in both modes rather than the paper's balanced top-k per
     centroid: it depends on the token alone, so causal=True stays causal, and the clusters need no sorting.
-    Every query also sees its own position, so no row is empty. The "xla" form is the reference (dense mask).
+    Every query also sees its own position, so no row is empty. The "xla" form is the reference (dense mask);
+    "pallas" is the block-sparse kernel with the cluster ids as a fine mask (``routing_pallas``), exact too.
 
     Paper: "Efficient Content-Based Sparse Attention with Routing Transformers".
     """
     c.check_qkv(q, k, v, cross=False)
-    c.check_implementation(implementation, ("xla",), "routing")
+    implementation = c.check_implementation(implementation, ("xla", "pallas"), "routing")
     causal = c.check_causal(causal, (False, True), "routing")
+    if implementation == "pallas":
+        if mask is not None:
+            raise ValueError("mask is not supported by implementation='pallas'; use causal or segment_ids")
+        return routing_pallas(q, k, v, centroids, causal=causal, scale=scale, segment_ids=segment_ids)
+    q_ids, k_ids = _clusters(q, k, centroids)
+    pattern = routing_layout(q_ids, k_ids)
+    return attend_with_pattern(q, k, v, pattern, causal=causal, scale=scale, mask=mask, segment_ids=segment_ids)
+
+
+def _clusters(q, k, centroids):
+    """Checked ``centroids`` -> cluster ids of the queries and keys [b, h, s] (keys per query head)."""
     if centroids is None:
         raise ValueError("centroids [heads, num_clusters, head_dim] are required for routing")
     h, d = q.shape[2], q.shape[3]
@@ -86,5 +104,44 @@ def routing_attention(
     cf = jax.lax.stop_gradient(centroids.astype(qf.dtype))  # routing is not differentiated (argmax)
     q_ids = nearest_centroid(jax.lax.stop_gradient(qf), cf)
     k_ids = nearest_centroid(jax.lax.stop_gradient(c.repeat_kv(kf, h)), cf)
-    pattern = routing_layout(q_ids, k_ids)
-    return attend_with_pattern(q, k, v, pattern, causal=causal, scale=scale, mask=mask, segment_ids=segment_ids)
+    return q_ids, k_ids
+
+
+def routing_pallas(q, k, v, centroids, *, causal=False, scale=None, segment_ids=None, block_size=None,
+                   backend=None, interpret=None):
+    """Routing attention through the block-sparse Pallas kernel (``implementation="pallas"``), exact.
+
+    The kernel's layout keeps block (I, J) iff a query of I and a key of J share a cluster or the blocks
+    hold a diagonal pair (``routing_block_layout``, built under jit); inside a kept block the cluster ids are
+    the kernel's ``tags``: query i sees key j iff c(q_i) == c(k_j) or i == j (and causal, segment ids).
+    The sequence is padded to a multiple of ``block_size`` (None: 64, or the sequence rounded up to a power
+    of two >= 16 when shorter); padded keys carry a tag no query has, so they stay invisible.
+    ``backend`` / ``interpret``: as in ``kernels_pallas.block_sparse.block_sparse_attention`` (interpret None:
+    on when the default device is the CPU).
+    """
+    from kernels_pallas.block_sparse import block_sparse_attention  # late: the kernels import attn
+
+    c.check_qkv(q, k, v, cross=False)
+    q_ids, k_ids = _clusters(q, k, centroids)
+    b, s = q.shape[0], q.shape[1]
+    if block_size is None:
+        block_size = 64 if s >= 64 else max(16, 1 << (s - 1).bit_length())
+    block_size = c.positive_int(block_size, "block_size")
+    padded = -(-s // block_size) * block_size
+    # Padded queries tag -1 (they see only themselves), padded keys -2: no real query sees them.
+    q_ids = pad_sequence(q_ids.astype(jnp.int32), padded, 2, -1)
+    k_ids = pad_sequence(k_ids.astype(jnp.int32), padded, 2, -2)
+    q, k, v = (pad_sequence(x, padded, 1) for x in (q, k, v))
+    if segment_ids is not None:
+        pair = segment_ids if isinstance(segment_ids, (tuple, list)) else (segment_ids, segment_ids)
+        if len(pair) != 2 or any(jnp.shape(x) != (b, s) for x in pair):
+            raise ValueError(f"segment_ids must be [batch, seq] = {(b, s)} or a pair of them, got "
+                             f"{[jnp.shape(x) for x in pair]}")
+        segment_ids = tuple(pad_sequence(jnp.asarray(x), padded, 1, -1) for x in pair)
+    layout = routing_block_layout(q_ids, k_ids, jnp.shape(centroids)[1], block_size, block_size)
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    out = block_sparse_attention(q, k, v, layout, block_size=block_size, causal=causal, scale=scale,
+                                 segment_ids=segment_ids, tags=(q_ids, k_ids), backend=backend,
+                                 interpret=interpret)
+    return out[:, :s]

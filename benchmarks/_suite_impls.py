@@ -22,9 +22,6 @@ import attn
 from benchmarks._suite_measure import compiled_peak_bytes
 
 FAMILIES = ("dense", "sliding_window", "block_sparse", "linear_recurrent")
-# Forms a mechanism accepts that its registry entry does not list (the registry's generic tests pass inputs,
-# e.g. dense masks, that the kernel refuses): the suite times them all the same.
-UNLISTED_FORMS = {"block_sparse": ("pallas",)}
 LINEAR_MECHANISMS = ("simple_gla", "gla", "delta_rule", "gated_delta_rule", "retention")
 
 
@@ -283,9 +280,7 @@ def ours(case: Case) -> list[Impl]:
     def build(impl):
         return lambda case, inputs: _mechanism_runner(case, inputs, impl)
 
-    forms = spec.implementations + tuple(f for f in UNLISTED_FORMS.get(case.mechanism, ()) if f not in
-                                         spec.implementations)
-    return [Impl(f"ours {case.mechanism}/{impl}", "ours", build(impl)) for impl in forms]
+    return [Impl(f"ours {case.mechanism}/{impl}", "ours", build(impl)) for impl in spec.implementations]
 
 
 # ------------------------------------------------------------------------------------------- peers

@@ -151,6 +151,13 @@ BAD_LAYOUTS = {
     "unknown backend": (dict(layout=np.ones((4, 4), bool), backend="cuda"), "backend"),
     "segment ids of the wrong shape": (dict(layout=np.ones((4, 4), bool), segment_ids=jnp.zeros((1, 5), jnp.int32)),
                                        "segment_ids"),
+    "tags of the wrong shape": (dict(layout=np.ones((4, 4), bool), tags=(jnp.zeros((1, 2, 16), jnp.int32),
+                                                                         jnp.zeros((1, 1, 16), jnp.int32))), "k_tags"),
+    "tags not a pair": (dict(layout=np.ones((4, 4), bool), tags=jnp.zeros((1, 2, 16), jnp.int32)), "tags"),
+    "key block bits not int32": (dict(layout=np.ones((4, 4), bool), key_block_bits=np.zeros((1, 2, 16, 1), bool)),
+                                 "key_block_bits"),
+    "two fine masks": (dict(layout=np.ones((4, 4), bool), key_block_bits=jnp.zeros((1, 2, 16, 1), jnp.int32),
+                            tags=(jnp.zeros((1, 2, 16), jnp.int32),) * 2), "tags and key_block_bits"),
 }
 
 
@@ -170,3 +177,14 @@ def test_concrete_layout_over_the_bound_raises_under_jit_too():
                                                    interpret=True))
     with pytest.raises(ValueError, match="max_blocks_per_row"):
         run(q)
+
+
+def test_traced_layout_over_the_bound_fails_at_run_time():
+    # Under jit the layout is only known when the program runs: a row over the bound must fail, not be cut.
+    q = jnp.zeros((1, 16, 2, 16), jnp.float32)
+    run = jax.jit(lambda q, lay: block_sparse_attention(q, q, q, lay, block_size=4, max_blocks_per_row=3,
+                                                        interpret=True))
+    within = np.tril(np.ones((4, 4), bool), 0) & ~np.eye(4, k=-3, dtype=bool)  # at most 3 per row
+    assert run(q, jnp.asarray(within)).shape == q.shape
+    with pytest.raises(Exception, match="keeps up to 4 blocks in a row, more than max_blocks_per_row=3"):
+        run(q, jnp.ones((4, 4), bool)).block_until_ready()

@@ -19,16 +19,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels_pallas.block_sparse import tables
+from kernels_pallas.block_sparse.gpu_forward import fine_args, fine_specs
 from kernels_pallas.sliding_window.band import mask_value
 from kernels_pallas.sliding_window.gpu_forward import LOG2E, dot_precision
 
 
 def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, scale, causal_offset,
-               block_k, has_segments):
-    if has_segments:
-        seg_q_ref, seg_k_ref, dq_ref = rest
-    else:
-        (dq_ref,) = rest
+               block_k, has_segments, fine, bits_block):
+    seg_q_ref, seg_k_ref, fine_q_ref, fine_k_ref, (dq_ref,) = tables.split_mask_refs(rest, has_segments, fine)
     block_q, head_dim = q_ref.shape
     acc_dtype = jnp.float64 if q_ref.dtype == jnp.float64 else jnp.float32
     precision = dot_precision(q_ref.dtype)
@@ -37,7 +35,8 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest
     q, do = q_ref[...], do_ref[...]
     lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]
     seg_q = seg_q_ref[...][:, None] if has_segments else None
-    has_mask = causal_offset is not None or has_segments
+    tag_q = fine_q_ref[...][:, None] if fine == "tags" else None
+    has_mask = causal_offset is not None or has_segments or fine is not None
 
     def step(j, dq, masked):
         kb = table_ref[tables.HEADER + j]
@@ -47,7 +46,9 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest
         if masked and has_mask:
             cols = kb * block_k + jnp.arange(block_k)[None, :]
             seg_k = seg_k_ref[k_slice][None, :] if has_segments else None
-            s = jnp.where(tables.visible(rows, cols, causal_offset, seg_q, seg_k), s, mask_value(c))
+            ok = tables.visible(rows, cols, causal_offset, seg_q, seg_k, **fine_args(
+                fine, tag_q, fine_k_ref, fine_q_ref, k_slice, kb * block_k, bits_block))
+            s = jnp.where(ok, s, mask_value(c))
         p = jnp.exp2(s * c - lse)
         dp = plgpu.dot(do, v, trans_b=True, precision=precision).astype(acc_dtype)
         ds = p * (dp - delta)
@@ -62,11 +63,9 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest
 
 
 def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, scale, causal_offset,
-                block_q, has_segments):
-    if has_segments:
-        seg_q_ref, seg_k_ref, dk_ref, dv_ref = rest
-    else:
-        dk_ref, dv_ref = rest
+                block_q, has_segments, fine, bits_block):
+    seg_q_ref, seg_k_ref, fine_q_ref, fine_k_ref, (dk_ref, dv_ref) = tables.split_mask_refs(
+        rest, has_segments, fine)
     block_k, head_dim = k_ref.shape
     groups = q_ref.shape[1]
     acc_dtype = jnp.float64 if q_ref.dtype == jnp.float64 else jnp.float32
@@ -75,7 +74,8 @@ def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *res
     keys = pl.program_id(0) * block_k + jnp.arange(block_k)[:, None]
     k, v = k_ref[...], v_ref[...]
     seg_k = seg_k_ref[...][:, None] if has_segments else None
-    has_mask = causal_offset is not None or has_segments
+    has_mask = causal_offset is not None or has_segments or fine is not None
+    word, bit = tables.bit_of(pl.program_id(0) * block_k, bits_block) if fine == "bits" else (None, None)
 
     # Tiles here are transposed, [keys, queries], so that dk and dv come out of plain products.
     def step(t, carry, g, masked):
@@ -87,7 +87,12 @@ def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *res
         if masked and has_mask:
             queries = qb * block_q + jnp.arange(block_q)[None, :]
             seg_q = seg_q_ref[q_slice][None, :] if has_segments else None
-            ok = tables.visible(queries, keys, causal_offset, seg_q, seg_k)
+            extra = {}
+            if fine == "tags":  # tags of query head g: its queries (a row) and this program's keys (a column)
+                extra["tags"] = (fine_q_ref[g, q_slice][None, :], fine_k_ref[g, :][:, None])
+            elif fine == "bits":
+                extra["bits"] = (fine_q_ref[g, word, q_slice][None, :], bit)
+            ok = tables.visible(queries, keys, causal_offset, seg_q, seg_k, **extra)
             st = jnp.where(ok, st, mask_value(c))
         pt = jnp.exp2(st * c - lse_ref[g, q_slice][None, :])
         dv = dv + plgpu.dot(pt.astype(do.dtype), do, precision=precision).astype(acc_dtype)
@@ -107,7 +112,7 @@ def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *res
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def backward(q, k, v, seg_q, seg_k, row_tables, col_tables, do, lse, delta, *, st):
+def backward(q, k, v, seg_q, seg_k, fine_q, fine_k, row_tables, col_tables, do, lse, delta, *, st):
     """Inputs as in ``gpu_forward.forward``; col_tables [b|1, h, kv_blocks, width]; lse, delta [b, h, sq]."""
     b, sq, h, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
@@ -115,7 +120,8 @@ def backward(q, k, v, seg_q, seg_k, row_tables, col_tables, do, lse, delta, *, s
     bq, bk = st.q_block, st.kv_block
     has_segments = seg_q is not None
     params = plgpu.CompilerParams(num_warps=st.num_warps, num_stages=st.num_stages)
-    common = dict(scale=st.scale, causal_offset=st.causal_offset, has_segments=has_segments)
+    common = dict(scale=st.scale, causal_offset=st.causal_offset, has_segments=has_segments, fine=st.fine,
+                  bits_block=st.bits_block)
 
     # dq: grid over (query block, batch, head).
     per_batch = row_tables.shape[0] > 1
@@ -130,6 +136,8 @@ def backward(q, k, v, seg_q, seg_k, row_tables, col_tables, do, lse, delta, *, s
         in_specs += [pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, i)),
                      pl.BlockSpec((None, sk), lambda i, bi, hi: (bi, 0))]
         args += [seg_q, seg_k]
+    extra_args, extra_specs = fine_specs(fine_q, fine_k, st.fine, bq, sk)
+    args, in_specs = args + extra_args, in_specs + extra_specs
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, block_k=bk, **common),
         grid=(sq // bq, b, h),
@@ -154,6 +162,13 @@ def backward(q, k, v, seg_q, seg_k, row_tables, col_tables, do, lse, delta, *, s
         in_specs += [pl.BlockSpec((None, sq), lambda j, bi, hk: (bi, 0)),
                      pl.BlockSpec((None, bk), lambda j, bi, hk: (bi, j))]
         args += [seg_q, seg_k]
+    if st.fine == "tags":  # the group's query tags whole, its key tags over this key tile
+        in_specs += [pl.BlockSpec((None, groups, sq), lambda j, bi, hk: (bi, hk, 0)),
+                     pl.BlockSpec((None, groups, bk), lambda j, bi, hk: (bi, hk, j))]
+        args += [fine_q, fine_k]
+    elif st.fine == "bits":  # every word of the group's queries
+        in_specs.append(pl.BlockSpec((None, groups) + fine_q.shape[2:], lambda j, bi, hk: (bi, hk, 0, 0)))
+        args.append(fine_q)
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, block_q=bq, **common),
         grid=(sk // bk, b, hkv),

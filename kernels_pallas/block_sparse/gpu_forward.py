@@ -20,11 +20,10 @@ from kernels_pallas.sliding_window.band import PAD_LSE, mask_value
 from kernels_pallas.sliding_window.gpu_forward import LOG2E, dot_precision
 
 
-def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *rest, scale, causal_offset, block_k, has_segments):
-    if has_segments:
-        seg_q_ref, seg_k_ref, o_ref, lse_ref = rest
-    else:
-        o_ref, lse_ref = rest
+def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *rest, scale, causal_offset, block_k, has_segments, fine,
+                    bits_block):
+    seg_q_ref, seg_k_ref, fine_q_ref, fine_k_ref, (o_ref, lse_ref) = tables.split_mask_refs(
+        rest, has_segments, fine)
     block_q, head_dim = q_ref.shape
     acc_dtype = jnp.float64 if q_ref.dtype == jnp.float64 else jnp.float32
     precision = dot_precision(q_ref.dtype)
@@ -32,7 +31,8 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *rest, scale, causal_offset,
     rows = pl.program_id(0) * block_q + jnp.arange(block_q)[:, None]
     q = q_ref[...]
     seg_q = seg_q_ref[...][:, None] if has_segments else None
-    has_mask = causal_offset is not None or has_segments  # else every entry of the table is unmasked
+    tag_q = fine_q_ref[...][:, None] if fine == "tags" else None
+    has_mask = causal_offset is not None or has_segments or fine is not None  # else no entry needs the mask
 
     def step(j, carry, masked):
         acc, m, l = carry
@@ -43,7 +43,8 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *rest, scale, causal_offset,
         if masked:
             cols = kb * block_k + jnp.arange(block_k)[None, :]
             seg_k = seg_k_ref[k_slice][None, :] if has_segments else None
-            ok = tables.visible(rows, cols, causal_offset, seg_q, seg_k)
+            ok = tables.visible(rows, cols, causal_offset, seg_q, seg_k, **fine_args(
+                fine, tag_q, fine_k_ref, fine_q_ref, k_slice, kb * block_k, bits_block))
             s = jnp.where(ok, s, mask_value(c))
         m_new = jnp.maximum(m, s.max(axis=1) * c)
         alpha = jnp.exp2(m - m_new)
@@ -69,9 +70,33 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *rest, scale, causal_offset,
     lse_ref[...] = jnp.where(empty, PAD_LSE, m + jnp.log2(jnp.where(empty, 1.0, l))).astype(lse_ref.dtype)
 
 
-def forward(q, k, v, seg_q, seg_k, row_tables, *, st):
+def fine_args(fine, tag_q, tag_k_ref, words_ref, k_slice, first_key, bits_block):
+    """``tables.visible``'s tags / bits for a [queries, keys] tile (rows of this program, keys k_slice)."""
+    if fine == "tags":
+        return {"tags": (tag_q, tag_k_ref[k_slice][None, :])}
+    if fine == "bits":
+        word, bit = tables.bit_of(first_key, bits_block)
+        return {"bits": (words_ref[word, :][:, None], bit)}
+    return {}
+
+
+def fine_specs(fine_q, fine_k, fine, q_block, kv_len):
+    """BlockSpecs of the fine mask for a (query tile, batch, head) grid: q tags [b, h, sq] -> one tile,
+    k tags [b, h, sk] -> whole; bit words [b, h, words, sq] -> every word of the tile's queries."""
+    if fine == "tags":
+        return [fine_q, fine_k], [pl.BlockSpec((None, None, q_block), lambda i, bi, hi: (bi, hi, i)),
+                                  pl.BlockSpec((None, None, kv_len), lambda i, bi, hi: (bi, hi, 0))]
+    if fine == "bits":
+        return [fine_q], [pl.BlockSpec((None, None, fine_q.shape[2], q_block), lambda i, bi, hi: (bi, hi, 0, i))]
+    return [], []
+
+
+def forward(q, k, v, seg_q, seg_k, fine_q, fine_k, row_tables, *, st):
     """q [b, sq, h, d], k/v [b, sk, hkv, d], row_tables [b|1, h, q_blocks, width]
-    -> (out like q, lse [b, h, sq] float32, base 2)."""
+    -> (out like q, lse [b, h, sq] float32, base 2).
+
+    Fine mask (``st.fine``): "tags": fine_q [b, h, sq], fine_k [b, h, sk] int32; "bits": fine_q
+    [b, h, words, sq] int32 (bit n of word w: key block 32 w + n of ``st.bits_block`` keys), fine_k None."""
     b, sq, h, d = q.shape
     sk = k.shape[1]
     groups = h // k.shape[2]
@@ -80,7 +105,7 @@ def forward(q, k, v, seg_q, seg_k, row_tables, *, st):
     per_batch = row_tables.shape[0] > 1
     width = row_tables.shape[-1]
     kernel = functools.partial(_forward_kernel, scale=st.scale, causal_offset=st.causal_offset, block_k=bk,
-                               has_segments=has_segments)
+                               has_segments=has_segments, fine=st.fine, bits_block=st.bits_block)
     table_spec = pl.BlockSpec((None, None, None, width),
                               lambda i, bi, hi: (bi if per_batch else 0, hi, i, 0))
     q_spec = pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0))
@@ -91,6 +116,8 @@ def forward(q, k, v, seg_q, seg_k, row_tables, *, st):
         in_specs += [pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, i)),
                      pl.BlockSpec((None, sk), lambda i, bi, hi: (bi, 0))]
         args += [seg_q, seg_k]
+    extra_args, extra_specs = fine_specs(fine_q, fine_k, st.fine, bq, sk)
+    args, in_specs = args + extra_args, in_specs + extra_specs
     lse_dtype = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
     return pl.pallas_call(
         kernel,

@@ -52,6 +52,8 @@ class _Static:
     max_col: int
     num_warps: int
     num_stages: int
+    fine: str | None = None  # element mask besides causal / segments: None, "tags" or "bits"
+    bits_block: int = 0  # keys per bit of the "bits" mask (the layout's key block)
 
 
 def _kernels(backend):
@@ -64,24 +66,25 @@ def _kernels(backend):
     return tpu_forward.forward, tpu_backward.backward
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
-def _attention(q, k, v, seg_q, seg_k, row_fwd, row_bwd, col_bwd, st_fwd: _Static, st_bwd: _Static):
-    return _forward(q, k, v, seg_q, seg_k, row_fwd, row_bwd, col_bwd, st_fwd, st_bwd)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11))
+def _attention(q, k, v, seg_q, seg_k, fine_q, fine_k, row_fwd, row_bwd, col_bwd, st_fwd: _Static,
+               st_bwd: _Static):
+    return _forward(q, k, v, seg_q, seg_k, fine_q, fine_k, row_fwd, row_bwd, col_bwd, st_fwd, st_bwd)[0]
 
 
-def _forward(q, k, v, seg_q, seg_k, row_fwd, row_bwd, col_bwd, st_fwd, st_bwd):
+def _forward(q, k, v, seg_q, seg_k, fine_q, fine_k, row_fwd, row_bwd, col_bwd, st_fwd, st_bwd):
     forward, _ = _kernels(st_fwd.backend)
-    out, lse = forward(q, k, v, seg_q, seg_k, row_fwd, st=st_fwd)
-    return out, (q, k, v, seg_q, seg_k, row_bwd, col_bwd, out, lse)
+    out, lse = forward(q, k, v, seg_q, seg_k, fine_q, fine_k, row_fwd, st=st_fwd)
+    return out, (q, k, v, seg_q, seg_k, fine_q, fine_k, row_bwd, col_bwd, out, lse)
 
 
 def _backward(st_fwd, st_bwd, residuals, dout):
-    q, k, v, seg_q, seg_k, row_bwd, col_bwd, out, lse = residuals
+    q, k, v, seg_q, seg_k, fine_q, fine_k, row_bwd, col_bwd, out, lse = residuals
     _, backward = _kernels(st_bwd.backend)
     # delta_i = sum_j p_ij dp_ij = out_i . dout_i: one elementwise pass, [b, s, h] -> [b, h, s].
     delta = jnp.einsum("bshd,bshd->bhs", out.astype(lse.dtype), dout.astype(lse.dtype))
-    dq, dk, dv = backward(q, k, v, seg_q, seg_k, row_bwd, col_bwd, dout, lse, delta, st=st_bwd)
-    return dq, dk, dv, None, None, None, None, None
+    dq, dk, dv = backward(q, k, v, seg_q, seg_k, fine_q, fine_k, row_bwd, col_bwd, dout, lse, delta, st=st_bwd)
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 _attention.defvjp(_forward, _backward)
@@ -105,28 +108,73 @@ def _segment_pair(segment_ids, batch, q_len, kv_len):
     return q_ids.astype(jnp.int32), kv_ids.astype(jnp.int32)
 
 
+def _fine_mask(tags, key_block_bits, batch, heads, q_len, kv_len, kv_blocks):
+    """``tags`` / ``key_block_bits`` -> (kind, fine_q, fine_k) in the kernels' layout (see gpu_forward)."""
+    if tags is not None and key_block_bits is not None:
+        raise ValueError("pass at most one of tags and key_block_bits")
+    if tags is not None:
+        if not isinstance(tags, (tuple, list)) or len(tags) != 2:
+            raise ValueError("tags must be a pair (q_tags [batch, heads, q_seq], k_tags [batch, heads, kv_seq])")
+        pair = []
+        for name, x, length in (("q_tags", tags[0], q_len), ("k_tags", tags[1], kv_len)):
+            x = jnp.asarray(x)
+            if x.shape != (batch, heads, length) or not jnp.issubdtype(x.dtype, jnp.integer):
+                raise ValueError(f"tags: {name} must be an integer array of shape [batch, heads, seq] = "
+                                 f"{(batch, heads, length)}, got {x.dtype} {x.shape}")
+            pair.append(x.astype(jnp.int32))
+        return "tags", pair[0], pair[1]
+    if key_block_bits is not None:
+        bits = jnp.asarray(key_block_bits)
+        words = -(-kv_blocks // 32)
+        if bits.shape != (batch, heads, q_len, words) or bits.dtype != jnp.int32:
+            raise ValueError(f"key_block_bits must be int32 of shape [batch, heads, q_seq, ceil(kv_blocks / 32)] "
+                             f"= {(batch, heads, q_len, words)}, got {bits.dtype} {bits.shape}")
+        return "bits", jnp.swapaxes(bits, -1, -2), None  # [b, h, words, sq]: a tile's queries are contiguous
+    return None, None, None
+
+
 def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)  # numpy, or a jax array outside any trace
 
 
+def _overflow_message(actual, name, value):
+    return f"the layout keeps up to {actual} blocks in a row, more than {name}={value}"
+
+
+def _raise_if_over(actual, name, value):
+    """Host side of the run-time check of a traced layout (``jax.debug.callback``)."""
+    actual = int(np.max(actual))  # an array of counts under vmap
+    if actual > value:
+        raise ValueError(_overflow_message(actual, name, value))
+
+
 def _max_blocks(value, name, layout, axis, full):
-    """Static bound on kept blocks per row (axis=-1) or column (axis=-2); checked on a concrete layout."""
+    """Static bound on kept blocks per row (axis=-1) or column (axis=-2).
+
+    A concrete layout is checked now (ValueError at trace time). A traced one over an explicit bound would
+    lose blocks in the tables, so it is checked when the program runs: one reduction over the layout and a
+    host callback that raises the same ValueError (surfacing as a runtime error of the jitted call).
+    """
     concrete = _is_concrete(layout)
     actual = int(np.asarray(layout).sum(axis).max(initial=0)) if concrete else None
     if value is None:
         return max(actual, 1) if concrete else full
     value = c.positive_int(value, name)
     if concrete and actual > value:
-        raise ValueError(f"the layout keeps up to {actual} blocks in a row, more than {name}={value}")
+        raise ValueError(_overflow_message(actual, name, value))
+    if not concrete and value < full:  # a bound of every block cannot overflow
+        actual = jnp.max(jnp.sum(layout, axis, dtype=jnp.int32))
+        jax.debug.callback(functools.partial(_raise_if_over, name=name, value=value), actual)
     return min(value, full)
 
 
-def block_tables(layout, *, q_tile, kv_tile, repeat_q, repeat_kv, causal_offset, has_segments, heads,
+def block_tables(layout, *, q_tile, kv_tile, repeat_q, repeat_kv, causal_offset, element_mask, heads,
                  max_row, columns):
     """Layout [b|1, h|1, qb, kb] (blocks of repeat_q x q_tile by repeat_kv x kv_tile) -> row tables
     [b|1, heads, q_tiles, w] and max kept tiles per row, plus (with ``columns``) column tables and their max.
 
-    ``max_row`` bounds kept blocks per row of the layout; the tables are over tiles.
+    ``max_row`` bounds kept blocks per row of the layout; the tables are over tiles. ``element_mask``
+    (segment ids, tags or bits): every kept tile needs the element mask.
     """
     xp = np if isinstance(layout, np.ndarray) else jnp  # numpy keeps a concrete layout concrete under jit
     layout = xp.repeat(xp.repeat(layout, repeat_q, axis=-2), repeat_kv, axis=-1)
@@ -135,7 +183,7 @@ def block_tables(layout, *, q_tile, kv_tile, repeat_q, repeat_kv, causal_offset,
                                                        0 if causal_offset is None else causal_offset)
     if causal_offset is None:
         any_visible, all_visible = np.ones_like(any_visible), np.ones_like(all_visible)
-    if has_segments:
+    if element_mask:
         all_visible = np.zeros_like(all_visible)
     layout = xp.broadcast_to(layout, layout.shape[:1] + (heads, qt, kt)) & any_visible
     max_row = min(max_row * repeat_kv, kt)
@@ -169,6 +217,8 @@ def block_sparse_attention(
     causal: bool = False,
     scale: float | None = None,
     segment_ids=None,
+    tags=None,
+    key_block_bits=None,
     max_blocks_per_row: int | None = None,
     tiles: Tiles | None = None,
     backend: str | None = None,
@@ -179,10 +229,17 @@ def block_sparse_attention(
     ``layout``: [q_blocks, kv_blocks], [heads, ...] or [batch, heads, ...], a concrete or traced boolean array;
     ``block_size``: int or (q_block, kv_block), dividing the sequence lengths.
     ``causal`` (bottom-right aligned) and ``segment_ids`` (one [batch, seq] array or a (q_ids, kv_ids) pair)
-    mask single elements inside the kept blocks. A query that sees no key gives zeros.
+    mask single elements inside the kept blocks, and so may one fine mask, for masks finer than blocks
+    whose dense form would cost O(n^2):
+    ``tags``: (q_tags [b, h, sq], k_tags [b, h, sk]) integers (per query head, also under GQA): query i sees
+    key j iff q_tags[i] == k_tags[j] or i == j (routing attention: same cluster, or itself);
+    ``key_block_bits``: int32 [b, h, sq, ceil(kv_blocks / 32)]: query i sees the keys of key block n iff bit
+    n % 32 of its word n // 32 is set (MoBA: the blocks the query selected).
+    The layout must keep every block holding a visible pair. A query that sees no key gives zeros.
     ``max_blocks_per_row``: static bound on kept key blocks per query block; None takes the layout's own when
-    it is concrete, else all key blocks. A concrete layout over the bound raises ValueError; a traced one is
-    truncated to its first ``max_blocks_per_row`` kept blocks per row.
+    it is concrete, else all key blocks. A concrete layout over the bound raises ValueError when traced; a
+    traced one (under jit) is checked when it runs (one reduction and a host callback), and the call fails
+    with a runtime error carrying that ValueError's message (max_blocks_per_row and the actual count).
     ``tiles``: kernel tiles and launch settings (``Tiles``); None: the layout's blocks in interpret mode and on
     TPU, ``Tiles()`` capped by the blocks on GPU.
     Layout [batch, seq, heads, head_dim]; k/v may have fewer heads (GQA/MQA), never repeated in memory.
@@ -215,6 +272,7 @@ def block_sparse_attention(
         raise ValueError(f"scale must be positive or None, got {scale!r}")
     causal = c.check_causal(causal, (False, True), "block_sparse")
     seg_q, seg_k = _segment_pair(segment_ids, batch, q_len, kv_len)
+    fine, fine_q, fine_k = _fine_mask(tags, key_block_bits, batch, heads, q_len, kv_len, kv_len // kv_block)
     backend = resolve_backend(backend, interpret)
     if backend == "mosaic_tpu" and interpret is True:
         from jax.experimental.pallas import tpu as pltpu
@@ -239,7 +297,8 @@ def block_sparse_attention(
                                                 0 if causal_offset is None else causal_offset)
     kept = layout & visible_blocks if causal else layout
     max_row = _max_blocks(max_blocks_per_row, "max_blocks_per_row", kept, -1, kv_blocks)
-    common = dict(causal_offset=causal_offset, has_segments=seg_q is not None, heads=heads, max_row=max_row)
+    common = dict(causal_offset=causal_offset, element_mask=seg_q is not None or fine is not None, heads=heads,
+                  max_row=max_row)
     row_fwd, max_row_fwd = block_tables(layout, q_tile=tq, kv_tile=tk, repeat_q=q_block // tq,
                                         repeat_kv=kv_block // tk, columns=False, **common)
     row_bwd, max_row_bwd, col_bwd, max_col_bwd = block_tables(
@@ -252,8 +311,8 @@ def block_sparse_attention(
         pad = ((0, 0), (0, 0), (0, 0), (0, dim_pad - head_dim))
         q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
     st_fwd = _Static(scale, causal_offset, tq, tk, backend, interpret, max_row_fwd, 0, tiles.num_warps,
-                     tiles.num_stages)
+                     tiles.num_stages, fine, kv_block)
     st_bwd = _Static(scale, causal_offset, tq_bwd, tk_bwd, backend, interpret, max_row_bwd, max_col_bwd,
-                     tiles.num_warps_bwd, tiles.num_stages_bwd)
-    out = _attention(q, k, v, seg_q, seg_k, row_fwd, row_bwd, col_bwd, st_fwd, st_bwd)
+                     tiles.num_warps_bwd, tiles.num_stages_bwd, fine, kv_block)
+    out = _attention(q, k, v, seg_q, seg_k, fine_q, fine_k, row_fwd, row_bwd, col_bwd, st_fwd, st_bwd)
     return out[..., :head_dim]

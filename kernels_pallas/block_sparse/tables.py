@@ -55,15 +55,44 @@ def compress(layout, unmasked, max_blocks: int, prefix_unmasked: bool):
     return jnp.concatenate([count[..., None], lo[..., None], hi[..., None], blocks, pad], axis=-1)
 
 
-def visible(rows, cols, causal_offset, seg_rows=None, seg_cols=None):
+def visible(rows, cols, causal_offset, seg_rows=None, seg_cols=None, *, tags=None, bits=None):
     """Boolean tile: query ``rows`` [m, 1] may see key ``cols`` [1, n] (either may be the transposed pair).
 
-    ``causal_offset`` None means no causal rule.
+    ``causal_offset`` None means no causal rule. ``tags``: (query tags, key tags) shaped like rows and cols:
+    visible iff the tags are equal or the positions are (routing: same cluster, or the query itself).
+    ``bits``: (query words, bit): the word of each query (shaped like rows) holding the tile's key block, and
+    that block's bit in it (MoBA: the key block is one the query selected). Every rule present must hold.
     """
-    ok = None
+    rules = []
     if causal_offset is not None:
-        ok = cols <= rows + causal_offset
+        rules.append(cols <= rows + causal_offset)
     if seg_rows is not None:
-        same = seg_rows == seg_cols
-        ok = same if ok is None else ok & same
+        rules.append(seg_rows == seg_cols)
+    if tags is not None:
+        rules.append((tags[0] == tags[1]) | (rows == cols))
+    if bits is not None:
+        words, bit = bits
+        rules.append((jnp.right_shift(words, bit) & 1) == 1)  # arithmetic shift: bit 31 still ends in 1
+    ok = None
+    for rule in rules:
+        ok = rule if ok is None else ok & rule
     return ok
+
+
+def split_mask_refs(refs, has_segments, fine):
+    """A kernel's trailing refs -> (seg_q, seg_k, fine_q, fine_k, remaining refs), None where absent.
+
+    The order is segment ids (q, k), then the fine mask: tags (q, k) or bit words (q only).
+    """
+    refs = list(refs)
+    take = lambda present: refs.pop(0) if present else None
+    seg_q, seg_k = take(has_segments), take(has_segments)
+    fine_q, fine_k = take(fine is not None), take(fine == "tags")
+    return seg_q, seg_k, fine_q, fine_k, refs
+
+
+def bit_of(first_key, bits_block):
+    """(word, bit) of the key block holding key ``first_key`` in a query's bit words (32 blocks a word)."""
+    # lax.div / lax.rem: plain truncating integer ops (non-negative here), no floor-division fix-up to lower.
+    block = lax.div(first_key, jnp.int32(bits_block))
+    return lax.div(block, jnp.int32(32)), lax.rem(block, jnp.int32(32))

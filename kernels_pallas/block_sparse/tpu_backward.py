@@ -16,7 +16,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels_pallas.block_sparse import tables
-from kernels_pallas.block_sparse.tpu_forward import flat_row, table_entry
+from kernels_pallas.block_sparse.tpu_forward import fine_args, fine_specs, flat_row, table_entry
 from kernels_pallas.sliding_window.band import mask_value
 from kernels_pallas.sliding_window.tpu_forward import LOG2E, dot, to_heads_first
 
@@ -24,11 +24,9 @@ _SEMANTICS = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "
 
 
 def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, scale, causal_offset,
-               block_k, n_steps, row_of, width, has_segments):
-    if has_segments:
-        seg_q_ref, seg_k_ref, dq_ref, acc_ref = rest
-    else:
-        dq_ref, acc_ref = rest
+               block_k, n_steps, row_of, width, has_segments, fine, bits_block):
+    seg_q_ref, seg_k_ref, fine_q_ref, fine_k_ref, (dq_ref, acc_ref) = tables.split_mask_refs(
+        rest, has_segments, fine)
     block_q = q_ref.shape[0]
     bi, hi, i, j = (pl.program_id(a) for a in range(4))
     row = row_of(bi, hi, i)
@@ -48,13 +46,15 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest
             cols = kb * block_k + lax.broadcasted_iota(jnp.int32, s.shape, 1)
             seg_q = seg_q_ref[...] if has_segments else None
             seg_k = seg_k_ref[...] if has_segments else None
-            s = jnp.where(tables.visible(rows, cols, causal_offset, seg_q, seg_k), s, mask_value(c))
+            ok = tables.visible(rows, cols, causal_offset, seg_q, seg_k,
+                                **fine_args(fine, fine_q_ref, fine_k_ref, kb * block_k, bits_block))
+            s = jnp.where(ok, s, mask_value(c))
         p = jnp.exp2(s * c - lse_ref[...])
         ds = p * (dot(do_ref[...], v_ref[...], trans_b=True) - delta_ref[...])
         acc_ref[...] += dot(ds.astype(k.dtype), k).astype(acc_ref.dtype)
 
     unmasked = (j >= lo) & (j < hi_)
-    if causal_offset is not None or has_segments:
+    if causal_offset is not None or has_segments or fine is not None:
         pl.when((j < count) & jnp.logical_not(unmasked))(functools.partial(step, True))
     pl.when((j < count) & unmasked)(functools.partial(step, False))
 
@@ -64,11 +64,11 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest
 
 
 def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, scale, causal_offset,
-                block_q, n_steps, groups, col_of, width, has_segments):
-    if has_segments:
-        seg_k_ref, seg_q_ref, dk_ref, dv_ref, dk_acc, dv_acc = rest
-    else:
-        dk_ref, dv_ref, dk_acc, dv_acc = rest
+                block_q, n_steps, groups, col_of, width, has_segments, fine, bits_block):
+    # Segment ids and tags come key side first here ([keys, queries] tiles); the words are the queries'.
+    seg_k_ref, seg_q_ref, fine_a_ref, fine_b_ref, (dk_ref, dv_ref, dk_acc, dv_acc) = tables.split_mask_refs(
+        rest, has_segments, fine)
+    fine_q_ref, fine_k_ref = (fine_b_ref, fine_a_ref) if fine == "tags" else (fine_a_ref, None)
     block_k = k_ref.shape[0]
     bi, hk, kt, t = (pl.program_id(a) for a in range(4))
     col = col_of(bi, hk * groups + t // n_steps, kt)
@@ -91,14 +91,16 @@ def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *res
             queries = qb * block_q + lax.broadcasted_iota(jnp.int32, st.shape, 1)
             seg_k = seg_k_ref[...] if has_segments else None
             seg_q = seg_q_ref[...] if has_segments else None
-            st = jnp.where(tables.visible(queries, keys, causal_offset, seg_q, seg_k), st, mask_value(c))
+            ok = tables.visible(queries, keys, causal_offset, seg_q, seg_k,
+                                **fine_args(fine, fine_q_ref, fine_k_ref, kt * block_k, bits_block))
+            st = jnp.where(ok, st, mask_value(c))
         pt = jnp.exp2(st * c - lse_ref[...])
         dv_acc[...] += dot(pt.astype(do.dtype), do).astype(dv_acc.dtype)
         dst = pt * (dot(v_ref[...], do, trans_b=True) - delta_ref[...])
         dk_acc[...] += dot(dst.astype(q.dtype), q).astype(dk_acc.dtype)
 
     unmasked = (position >= lo) & (position < hi_)
-    if causal_offset is not None or has_segments:
+    if causal_offset is not None or has_segments or fine is not None:
         pl.when((position < count) & jnp.logical_not(unmasked))(functools.partial(step, True))
     pl.when((position < count) & unmasked)(functools.partial(step, False))
 
@@ -108,7 +110,7 @@ def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *res
         dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
 
 
-def backward(q, k, v, seg_q, seg_k, row_tables, col_tables, do, lse, delta, *, st):
+def backward(q, k, v, seg_q, seg_k, fine_q, fine_k, row_tables, col_tables, do, lse, delta, *, st):
     """Same contract as ``gpu_backward.backward``."""
     q, k, v, do = (to_heads_first(x) for x in (q, k, v, do))
     b, h, sq, d = q.shape
@@ -117,7 +119,8 @@ def backward(q, k, v, seg_q, seg_k, row_tables, col_tables, do, lse, delta, *, s
     bq, bk = st.q_block, st.kv_block
     has_segments = seg_q is not None
     acc_dtype = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
-    common = dict(scale=st.scale, causal_offset=st.causal_offset, has_segments=has_segments)
+    common = dict(scale=st.scale, causal_offset=st.causal_offset, has_segments=has_segments, fine=st.fine,
+                  bits_block=st.bits_block)
 
     # dq: grid (batch, head, query block, row-table entry); lse and delta as columns [bq, 1].
     width = row_tables.shape[-1]
@@ -134,6 +137,8 @@ def backward(q, k, v, seg_q, seg_k, row_tables, col_tables, do, lse, delta, *, s
         in_specs += [pl.BlockSpec((None, bq, 1), lambda bi, hi, i, j, table: (bi, i, 0)),
                      pl.BlockSpec((None, 1, bk), lambda bi, hi, i, j, table: (bi, 0, kv_block(bi, hi, i, j, table)))]
         args += [seg_q[:, :, None], seg_k[:, None, :]]
+    extra_args, extra_specs = fine_specs(fine_q, fine_k, st, bq, bk, kv_block)
+    in_specs, args = in_specs + extra_specs, args + extra_args
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, block_k=bk, n_steps=n_steps, row_of=row_of, width=width, **common),
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -163,6 +168,17 @@ def backward(q, k, v, seg_q, seg_k, row_tables, col_tables, do, lse, delta, *, s
         in_specs += [pl.BlockSpec((None, bk, 1), lambda bi, hk, kt, t, table: (bi, kt, 0)),
                      pl.BlockSpec((None, 1, bq), lambda bi, hk, kt, t, table: (bi, 0, q_block(bi, hk, kt, t, table)))]
         args += [seg_k[:, :, None], seg_q[:, None, :]]
+    if st.fine == "tags":  # key tags as a column [bk, 1], query tags as a row [1, bq]
+        in_specs += [pl.BlockSpec((None, None, bk, 1), lambda bi, hk, kt, t, table: (bi, head(hk, t), kt, 0)),
+                     pl.BlockSpec((None, None, 1, bq),
+                                  lambda bi, hk, kt, t, table: (bi, head(hk, t), 0, q_block(bi, hk, kt, t, table)))]
+        args += [fine_k[..., None], fine_q[:, :, None, :]]
+    elif st.fine == "bits":  # the word holding this key tile's block, for the step's queries, as a row
+        word = lambda kt: tables.bit_of(kt * bk, st.bits_block)[0]
+        in_specs.append(pl.BlockSpec(
+            (None, None, None, 1, bq),
+            lambda bi, hk, kt, t, table: (bi, head(hk, t), word(kt), 0, q_block(bi, hk, kt, t, table))))
+        args.append(fine_q[:, :, :, None, :])
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, block_q=bq, n_steps=n_steps, groups=groups, col_of=col_of, width=width,
                           **common),

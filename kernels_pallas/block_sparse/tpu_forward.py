@@ -27,12 +27,33 @@ def table_entry(table_ref, row, position, *, width):
     return table_ref[row * width + position]
 
 
+def fine_specs(fine_q, fine_k, st, bq, bk, kv_block):
+    """The fine mask's arrays and BlockSpecs for a (batch, head, query tile, step) grid whose key tile is
+    ``kv_block(*grid indices, table)``: query tags or words as a column [bq, 1], key tags as a row [1, bk]."""
+    if st.fine == "tags":
+        return [fine_q[..., None], fine_k[:, :, None, :]], [
+            pl.BlockSpec((None, None, bq, 1), lambda bi, hi, i, j, table: (bi, hi, i, 0)),
+            pl.BlockSpec((None, None, 1, bk), lambda bi, hi, i, j, table: (bi, hi, 0, kv_block(bi, hi, i, j, table)))]
+    if st.fine == "bits":  # only the word holding the key tile's block
+        word = lambda bi, hi, i, j, table: tables.bit_of(kv_block(bi, hi, i, j, table) * bk, st.bits_block)[0]
+        return [fine_q[..., None]], [pl.BlockSpec(
+            (None, None, None, bq, 1), lambda bi, hi, i, j, table: (bi, hi, word(bi, hi, i, j, table), i, 0))]
+    return [], []
+
+
+def fine_args(fine, fine_q_ref, fine_k_ref, first_key, bits_block):
+    """``tables.visible``'s tags / bits from the fine-mask tiles (either orientation)."""
+    if fine == "tags":
+        return {"tags": (fine_q_ref[...], fine_k_ref[...])}
+    if fine == "bits":
+        return {"bits": (fine_q_ref[...], tables.bit_of(first_key, bits_block)[1])}
+    return {}
+
+
 def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *rest, scale, causal_offset, block_k, n_steps, row_of,
-                    width, has_segments):
-    if has_segments:
-        seg_q_ref, seg_k_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref = rest
-    else:
-        o_ref, lse_ref, acc_ref, m_ref, l_ref = rest
+                    width, has_segments, fine, bits_block):
+    seg_q_ref, seg_k_ref, fine_q_ref, fine_k_ref, (o_ref, lse_ref, acc_ref, m_ref, l_ref) = (
+        tables.split_mask_refs(rest, has_segments, fine))
     block_q = q_ref.shape[0]
     bi, hi, i, j = (pl.program_id(a) for a in range(4))
     row = row_of(bi, hi, i)
@@ -53,7 +74,8 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *rest, scale, causal_offset,
             cols = kb * block_k + lax.broadcasted_iota(jnp.int32, s.shape, 1)
             seg_q = seg_q_ref[...] if has_segments else None
             seg_k = seg_k_ref[...] if has_segments else None
-            ok = tables.visible(rows, cols, causal_offset, seg_q, seg_k)
+            ok = tables.visible(rows, cols, causal_offset, seg_q, seg_k,
+                                **fine_args(fine, fine_q_ref, fine_k_ref, kb * block_k, bits_block))
             s = jnp.where(ok, s, mask_value(c))
         m_prev = m_ref[...]
         m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True) * c)
@@ -66,7 +88,7 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *rest, scale, causal_offset,
         m_ref[...] = m_new
 
     unmasked = (j >= lo) & (j < hi_)
-    if causal_offset is not None or has_segments:
+    if causal_offset is not None or has_segments or fine is not None:
         pl.when((j < count) & jnp.logical_not(unmasked))(functools.partial(step, True))
     pl.when((j < count) & unmasked)(functools.partial(step, False))
 
@@ -84,7 +106,7 @@ def flat_row(per_batch, heads, rows):
     return lambda bi, hi, r: ((bi if per_batch else 0) * heads + hi) * rows + r
 
 
-def forward(q, k, v, seg_q, seg_k, row_tables, *, st):
+def forward(q, k, v, seg_q, seg_k, fine_q, fine_k, row_tables, *, st):
     """Same contract as ``gpu_forward.forward``."""
     q, k, v = to_heads_first(q), to_heads_first(k), to_heads_first(v)
     b, h, sq, d = q.shape
@@ -108,10 +130,12 @@ def forward(q, k, v, seg_q, seg_k, row_tables, *, st):
             lambda bi, hi, i, j, table: (bi, 0, kv_block(bi, hi, i, j, table)))
         seg_args[1] = seg_k[:, None, :]
         in_specs, args = in_specs + seg_specs, args + seg_args
+    extra_args, extra_specs = fine_specs(fine_q, fine_k, st, bq, bk, kv_block)
+    in_specs, args = in_specs + extra_specs, args + extra_args
     acc_dtype = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
     kernel = functools.partial(
         _forward_kernel, scale=st.scale, causal_offset=st.causal_offset, block_k=bk, n_steps=n_steps,
-        row_of=row_of, width=width, has_segments=has_segments,
+        row_of=row_of, width=width, has_segments=has_segments, fine=st.fine, bits_block=st.bits_block,
     )
     out, lse = pl.pallas_call(
         kernel,
