@@ -117,9 +117,11 @@ def _run(cmd):
 
 def metadata(smoke: bool) -> dict:
     dev = jax.devices()[0]
-    # The GPU machine gets a copy of the working tree without .git: the caller passes the commit there.
-    commit = _run(["git", "rev-parse", "HEAD"]) or os.environ.get("BENCH_COMMIT")
-    dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"])
+    # The caller may run an export of a commit inside another checkout (the GPU machine's copy of the working
+    # tree): BENCH_COMMIT names what runs, and wins over what git finds around it.
+    commit = os.environ.get("BENCH_COMMIT")
+    dirty = None if commit else _run(["git", "status", "--porcelain", "--untracked-files=no"])
+    commit = commit or _run(["git", "rev-parse", "HEAD"])
     libs = {d: _version(d) for d in ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda13-pjrt", "jax-cuda12-plugin",
                                      "nvidia-cudnn-cu13", "nvidia-cudnn-cu12", "flax", "numpy", "torch", "triton",
                                      "tokamax", "fla-core", "matplotlib")}
@@ -285,12 +287,13 @@ def headline(rows, runs) -> list[dict]:
     return entries
 
 
-def markdown(runs, rows, scan, unavailable) -> str:
+def markdown(runs, rows, scan, unavailable, scan_run=0) -> str:
     meta = runs[0]
     lines = [f"# Attention benchmark suite{' (smoke)' if meta['smoke'] else ''}", ""]
     for i, run in enumerate(runs):
         lines += [f"Run {i}: device {run['device']} ({run['platform']}), driver {run['driver']}, {run['date']}, "
-                  f"commit {run['commit'][:12]}{' (dirty)' if run['commit_dirty'] else ''}. Libraries: "
+                  f"commit {run['commit'][:12]}{' (dirty)' if run['commit_dirty'] else ''}"
+                  + (f" ({run['commit_note']})" if run.get("commit_note") else "") + ". Libraries: "
                   + ", ".join(f"{k} {v}" for k, v in run["libraries"].items()) + ".", ""]
     lines += [f"Times: {meta['conventions']['time']}. TFLOP/s: {meta['conventions']['tflops']}.", ""]
     for family in impls.FAMILIES:
@@ -325,20 +328,22 @@ def markdown(runs, rows, scan, unavailable) -> str:
     if not_timed:
         lines += ["## Not timed", "", "| case | implementation | mode | status | reason |", "|---|---|---|---|---|"]
         lines += [f"| {r['case']} | {r['impl']} | {r['mode']} | {r['status']} | "
-                  f"{r.get('reason', '').replace('|', '/')[:160]} |" for r in not_timed]
+                  f"{' '.join(r.get('reason', '').replace('|', '/').split())[:160]} |" for r in not_timed]
         lines.append("")
     if unavailable:
         lines += ["## Peers not available on this machine", ""]
         lines += [f"- {name}: {why}" for name, why in sorted(unavailable.items())] + [""]
     if scan:
-        lines += ["## Complexity scan (plain-JAX forms, this device)", "",
-                  "| mechanism | form | declared | seqs | time slope | memory slope | label |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [f"## Complexity scan (plain-JAX forms; run {scan_run}: {runs[scan_run]['device']})", "",
+                  "| mechanism | form | declared | seqs | ms | peak MiB | time slope | memory slope | label |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         fmt = lambda x: "n/a" if x is None else f"{x:.2f}"
         for s in scan:
+            ms = ", ".join(f"{t * 1e3:.3g}" for t in s["seconds"])
+            mib = ", ".join("?" if b is None else f"{b / 2**20:.3g}" for b in s["peak_bytes"])
             lines.append(f"| {s['mechanism']} | {s['implementation']} | {s['declared']} | "
-                         f"{', '.join(map(str, s['seqs']))} | {fmt(s['time_slope'])} | {fmt(s['memory_slope'])} | "
-                         f"{s['label']} |")
+                         f"{', '.join(map(str, s['seqs']))} | {ms} | {mib} | {fmt(s['time_slope'])} | "
+                         f"{fmt(s['memory_slope'])} | {s['label']} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -400,7 +405,8 @@ def write_outputs(report: dict, out_dir: str) -> None:
     runs, rows = report["runs"], report["rows"]
     report["headline"] = headline(rows, runs)
     with open(os.path.join(out_dir, "suite.md"), "w") as fh:
-        fh.write(markdown(runs, rows, report.get("complexity_scan"), report["peers_unavailable"]))
+        fh.write(markdown(runs, rows, report.get("complexity_scan"), report["peers_unavailable"],
+                          report.get("complexity_scan_run", 0)))
     report["plots"] = [os.path.relpath(p, out_dir) for p in plots(rows, out_dir, runs[0])]
     with open(os.path.join(out_dir, "headline.json"), "w") as fh:
         json.dump(report["headline"], fh, indent=1)
@@ -420,9 +426,10 @@ def merge(paths: list[str]) -> dict:
         merged["runs"] += part["runs"]
         merged["rows"] += [dict(r, run=r["run"] + offset) for r in part["rows"]]
         merged["peers_unavailable"].update(part["peers_unavailable"])
-        for key in ("complexity_scan", "complexity_scan_shape"):
-            if part.get(key):
-                merged[key] = part[key]
+        if part.get("complexity_scan"):
+            merged["complexity_scan"] = part["complexity_scan"]
+            merged["complexity_scan_shape"] = part.get("complexity_scan_shape")
+            merged["complexity_scan_run"] = part.get("complexity_scan_run", 0) + offset
         merged.setdefault("cases_not_run", []).extend(part.get("cases_not_run", []))
     # A (case, implementation, mode) measured again by a later run: the later row replaces the earlier one.
     latest = {(r["case"], r["impl"], r["mode"]): r for r in merged["rows"]}

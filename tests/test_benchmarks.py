@@ -199,6 +199,6 @@ def test_merge_keeps_each_rows_run_and_the_peers_measured_anywhere(tmp_path):
     assert [(r["impl"], r["run"]) for r in merged["rows"]] == [("ours a", 0), ("peer x", 1), ("ours c", 1),
                                                                ("fla", 1)]
     assert merged["peers_unavailable"] == {"peer z": "no GPU"}  # fla was measured by the second run
-    assert merged["complexity_scan"] == [dict(mechanism="m")]
+    assert merged["complexity_scan"] == [dict(mechanism="m")] and merged["complexity_scan_run"] == 1
     entries = {e["family"]: e for e in suite.headline(merged["rows"], merged["runs"])}
     assert (entries["dense"]["device"], entries["linear_recurrent"]["device"]) == ("A", "B")
