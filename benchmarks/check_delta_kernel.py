@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -24,9 +23,9 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from attn import _recurrent as r  # noqa: E402
+from benchmarks import _check_common as common  # noqa: E402
 from kernels_pallas.linear_recurrent.delta_ops import GPU_DEFAULT, chunked_delta_recurrence  # noqa: E402
 
 START = time.perf_counter()
@@ -35,13 +34,8 @@ LOG_PATH = os.path.join(os.environ.get("OUT", "/tmp"), "check_delta_kernel.txt")
 SMOKE = "--smoke" in sys.argv
 CHECK_SHAPE = (1, 40, 2, 32) if SMOKE else (2, 1024, 4, 128)  # batch, seq, heads, head_dim
 BENCH_SHAPE = (1, 64, 2, 32) if SMOKE else (4, 8192, 16, 128)
-
-
-def log(*parts):
-    line = " ".join(str(p) for p in (f"[{time.perf_counter() - START:5.1f}s]",) + parts)
-    print(line, flush=True)
-    with open(LOG_PATH, "a") as f:
-        f.write(line + "\n")
+REPS = 2 if SMOKE else 10
+log = common.make_log(LOG_PATH, START)
 
 
 def inputs(key, b, s, h, d, dtype):
@@ -59,14 +53,6 @@ def inputs(key, b, s, h, d, dtype):
     return q, k, v, beta, gate, h0, dout, dfinal
 
 
-def errors(name, got, want):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    if not np.all(np.isfinite(got)):
-        return f"{name}: NON-FINITE"
-    rel = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
-    return f"{name}: max_abs {np.max(np.abs(got - want)):.2e} rel {rel:.2e}"
-
-
 def check(dtype, gated):
     q, k, v, beta, gate, h0, dout, dfinal = inputs(jax.random.key(1), *CHECK_SHAPE, dtype)
     if not gated:
@@ -82,46 +68,20 @@ def check(dtype, gated):
                                         implementation="chunked", chunk_size=64)
         return out.astype(dtype), final
 
-    results = []
-    for fn in (kernel, reference):
-        (out, final), vjp = jax.vjp(jax.jit(fn), q, k, v, beta, gate, h0)
-        grads = jax.jit(vjp)((dout, dfinal))
-        results.append((out, final) + tuple(grads))
+    got, want = (common.outputs_and_gradients(fn, (q, k, v, beta, gate, h0), (dout, dfinal))
+                 for fn in (kernel, reference))
     names = ("out", "final", "dq", "dk", "dv", "dbeta", "dlog_gate", "dh0")
     if not gated:
         names = names[:6] + ("(no gate)", "dh0")
     label = f"{'gated' if gated else 'plain'} D{CHECK_SHAPE[3]} {jnp.dtype(dtype).name}:"
-    log(label, "; ".join(errors(n, a, b) for n, a, b in zip(names, *results) if n != "(no gate)"))
-
-
-def time_call(fn, *args, reps=2 if SMOKE else 10):
-    jax.block_until_ready(fn(*args))  # compile + warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    log(label, "; ".join(common.errors(n, a, b) for n, a, b in zip(names, got, want) if n != "(no gate)"))
 
 
 def bench(forward, label):
     b, s, h, d = BENCH_SHAPE
     q, k, v, beta, gate, _, dout, _ = inputs(jax.random.key(0), b, s, h, d, jnp.bfloat16)
-    fwd = jax.jit(forward)
-
-    def loss(q, k, v, beta, g):
-        return jnp.sum(fwd(q, k, v, beta, g).astype(jnp.float32) * dout.astype(jnp.float32))
-
-    fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
-    for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-        if time.perf_counter() - START > BUDGET_S:
-            log(f"{label} {mode}: skipped (time budget)")
-            continue
-        try:
-            sec = time_call(fn, q, k, v, beta, gate)
-            log(f"{label} {mode}: {sec * 1e3:.3f} ms, {b * s / sec / 1e6:.2f} M tokens/s")
-        except Exception as e:  # a config that does not compile must not hide the others
-            log(f"{label} {mode}: FAILED {type(e).__name__}: {str(e)[:600]}")
+    common.time_forward_and_backward(log, label, forward, (q, k, v, beta, gate), dout, b * s,
+                                     deadline=START + BUDGET_S, reps=REPS)
 
 
 def kernel_forward(config):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-import statistics
 import time
 import traceback
 
@@ -22,9 +21,9 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from attn import _recurrent as r  # noqa: E402
+from benchmarks import _check_common as common  # noqa: E402
 from kernels_pallas.linear_recurrent.vector_gate_ops import (  # noqa: E402
     GPU_DEFAULT,
     chunked_vector_gate_recurrence,
@@ -36,13 +35,8 @@ LOG_PATH = os.path.join(os.environ.get("OUT", "/tmp"), "check_gla_kernel.txt")
 SMOKE = "--smoke" in sys.argv
 CHECK_SHAPE = (1, 40, 2) if SMOKE else (2, 1024, 4)  # batch, seq, heads
 BENCH_SHAPE = (1, 64, 2, 32) if SMOKE else (4, 8192, 16, 128)  # batch, seq, heads, head_dim
-
-
-def log(*parts):
-    line = " ".join(str(p) for p in (f"[{time.perf_counter() - START:5.1f}s]",) + parts)
-    print(line, flush=True)
-    with open(LOG_PATH, "a") as f:
-        f.write(line + "\n")
+REPS = 2 if SMOKE else 10
+log = common.make_log(LOG_PATH, START)
 
 
 def inputs(key, b, s, h, d, dtype):
@@ -57,14 +51,6 @@ def inputs(key, b, s, h, d, dtype):
     return q, k, v, gate, h0, dout, dfinal
 
 
-def errors(name, got, want):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    if not np.all(np.isfinite(got)):
-        return f"{name}: NON-FINITE"
-    rel = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
-    return f"{name}: max_abs {np.max(np.abs(got - want)):.2e} rel {rel:.2e}"
-
-
 def check(d, dtype):
     q, k, v, gate, h0, dout, dfinal = inputs(jax.random.key(d), *CHECK_SHAPE, d, dtype)
 
@@ -77,44 +63,18 @@ def check(d, dtype):
                                          chunk_size=64)
         return out.astype(dtype), final
 
-    results = []
-    for fn in (kernel, reference):
-        (out, final), vjp = jax.vjp(jax.jit(fn), q, k, v, gate, h0)
-        grads = jax.jit(vjp)((dout, dfinal))
-        results.append((out, final) + tuple(grads))
+    got, want = (common.outputs_and_gradients(fn, (q, k, v, gate, h0), (dout, dfinal)) for fn in (kernel, reference))
     names = ("out", "final", "dq", "dk", "dv", "dlog_gate", "dh0")
-    log(f"D{d} {jnp.dtype(dtype).name}:", "; ".join(errors(n, a, b) for n, a, b in zip(names, *results)))
-
-
-def time_call(fn, *args, reps=2 if SMOKE else 10):
-    jax.block_until_ready(fn(*args))  # compile + warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    log(f"D{d} {jnp.dtype(dtype).name}:", "; ".join(common.errors(n, a, b) for n, a, b in zip(names, got, want)))
 
 
 def bench(config, label):
     b, s, h, d = BENCH_SHAPE
     q, k, v, gate, _, dout, _ = inputs(jax.random.key(0), b, s, h, d, jnp.bfloat16)
-    fwd = jax.jit(lambda q, k, v, g: chunked_vector_gate_recurrence(q, k, v, g, config=config, backend="triton",
-                                                                         interpret=SMOKE)[0])
-
-    def loss(q, k, v, g):
-        return jnp.sum(fwd(q, k, v, g).astype(jnp.float32) * dout.astype(jnp.float32))
-
-    fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
-    for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-        if time.perf_counter() - START > BUDGET_S:
-            log(f"{label} {mode}: skipped (time budget)")
-            continue
-        try:
-            sec = time_call(fn, q, k, v, gate)
-            log(f"{label} {mode}: {sec * 1e3:.3f} ms, {b * s / sec / 1e6:.2f} M tokens/s")
-        except Exception as e:  # a config that does not compile must not hide the others
-            log(f"{label} {mode}: FAILED {type(e).__name__}: {str(e)[:600]}")
+    forward = lambda q, k, v, g: chunked_vector_gate_recurrence(q, k, v, g, config=config, backend="triton",
+                                                                interpret=SMOKE)[0]
+    common.time_forward_and_backward(log, label, forward, (q, k, v, gate), dout, b * s, deadline=START + BUDGET_S,
+                                     reps=REPS)
 
 
 def main():

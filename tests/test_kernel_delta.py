@@ -8,20 +8,11 @@ Shapes stay tiny: interpret mode is slow.
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from attn import _recurrent as r
 from kernels_pallas.linear_recurrent.delta_ops import DeltaConfig, chunked_delta_recurrence
-
-
-def _rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
-
-
-def _f64(x):
-    return None if x is None else x.astype(jnp.float64)
+import _linear_recurrent_helpers as helpers
 
 
 def _mild_gate(key, shape):
@@ -43,19 +34,6 @@ def _case(seed, b, s, h, dk, dv, with_state, gate=None, dtype=jnp.float32):
     return q, k, v, beta, log_gate, h0, dout, dfinal
 
 
-def _run(fn, q, k, v, beta, gate, h0):
-    """Output, final state and a vjp function over the differentiable inputs that are not None."""
-    args = {"q": q, "k": k, "v": v, "beta": beta, "log_gate": gate, "initial_state": h0}
-    names = [n for n, x in args.items() if x is not None]
-
-    def f(*xs):
-        kw = {**args, **dict(zip(names, xs))}
-        return fn(kw["q"], kw["k"], kw["v"], kw["beta"], kw["log_gate"], initial_state=kw["initial_state"])
-
-    (out, final), vjp = jax.vjp(f, *(args[n] for n in names))
-    return out, final, names, vjp
-
-
 def _reference(q, k, v, beta, log_gate, initial_state):
     return r.delta_recurrence(q, k, v, beta, log_gate=log_gate, initial_state=initial_state,
                               implementation="recurrent")
@@ -64,19 +42,8 @@ def _reference(q, k, v, beta, log_gate, initial_state):
 def _check_against_reference(backend, case, config, tol=1e-4):
     q, k, v, beta, gate, h0, dout, dfinal = case
     kernel = lambda *a, **kw: chunked_delta_recurrence(*a, config=config, backend=backend, interpret=True, **kw)
-    out, final, names, vjp = _run(kernel, q, k, v, beta, gate, h0)
-    ref_out, ref_final, _, ref_vjp = _run(_reference, *(_f64(x) for x in (q, k, v, beta, gate, h0)))
-    assert out.shape == ref_out.shape and out.dtype == q.dtype
-    assert final.shape == ref_final.shape and final.dtype == jnp.float32
-    assert np.isfinite(np.asarray(out)).all() and np.isfinite(np.asarray(final)).all()
-    assert _rel_err(out, ref_out) < tol
-    assert _rel_err(final, ref_final) < tol
-    grads = vjp((dout.astype(out.dtype), dfinal))
-    ref_grads = ref_vjp((_f64(dout), _f64(dfinal)))
-    for name, g, want in zip(names, grads, ref_grads):
-        assert g.shape == want.shape, name
-        assert np.isfinite(np.asarray(g)).all(), name
-        assert _rel_err(g, want) < tol, name
+    args = dict(q=q, k=k, v=v, beta=beta, log_gate=gate, initial_state=h0)
+    helpers.check_against_reference(kernel, _reference, args, dout, dfinal, tol)
 
 
 # b, s, h, dk, dv, initial state, gate; config
@@ -117,52 +84,29 @@ def test_strong_decay_stays_finite_and_exact():
 def test_bfloat16_keeps_dtype_and_float32_state():
     q, k, v, beta, gate, h0, dout, dfinal = _case(4, 1, 33, 2, 16, 16, True, _mild_gate, dtype=jnp.bfloat16)
     kernel = lambda *a, **kw: chunked_delta_recurrence(*a, interpret=True, **kw)
-    out, final, names, vjp = _run(kernel, q, k, v, beta, gate, h0)
-    ref_out, ref_final, _, ref_vjp = _run(_reference, *(_f64(x) for x in (q, k, v, beta, gate, h0)))
+    args = dict(q=q, k=k, v=v, beta=beta, log_gate=gate, initial_state=h0)
+    out, final, names, vjp = helpers.run(kernel, **args)
+    ref_out, ref_final, _, ref_vjp = helpers.run(_reference, **{n: helpers.f64(x) for n, x in args.items()})
     assert out.dtype == jnp.bfloat16 and final.dtype == jnp.float32
-    assert _rel_err(out, ref_out) < 2e-2
-    assert _rel_err(final, ref_final) < 2e-2
+    assert helpers.rel_err(out, ref_out) < 2e-2
+    assert helpers.rel_err(final, ref_final) < 2e-2
     grads = vjp((dout.astype(jnp.bfloat16), dfinal))
-    ref_grads = ref_vjp((_f64(dout.astype(jnp.bfloat16)), _f64(dfinal)))
+    ref_grads = ref_vjp((helpers.f64(dout.astype(jnp.bfloat16)), helpers.f64(dfinal)))
     for name, g, want in zip(names, grads, ref_grads):
-        assert g.dtype == {"q": q, "k": k, "v": v}.get(name, beta).dtype, name
-        assert _rel_err(g, want) < 5e-2, name
+        assert g.dtype == args[name].dtype, name
+        assert helpers.rel_err(g, want) < 5e-2, name
 
 
 @pytest.mark.parametrize("name", ["delta_rule", "gated_delta_rule"])
 def test_attn_pallas_implementation_matches_chunked_with_gqa(name):
-    import attn
-
-    spec = attn.spec(name)
-    keys = jax.random.split(jax.random.key(5), 4)
-    q = jax.random.normal(keys[0], (1, 21, 4, 16), jnp.float32)
-    k = jax.random.normal(keys[1], (1, 21, 2, 16), jnp.float32)
-    v = jax.random.normal(keys[2], (1, 21, 2, 16), jnp.float32)
-    h0 = jax.random.normal(keys[3], (1, 4, 16, 16), jnp.float32)
-    params = spec.params(jax.random.key(6), q.shape, k.shape, 16, True)
-
-    def f(impl):
-        return lambda q, k, v, h0: spec.fn(q, k, v, causal=True, chunk_size=16, implementation=impl,
-                                           initial_state=h0, return_state=True, **params)
-
-    (out, state), vjp = jax.vjp(f("pallas"), q, k, v, h0)
-    (ref, ref_state), ref_vjp = jax.vjp(f("chunked"), q, k, v, h0)
-    assert out.dtype == q.dtype
-    assert _rel_err(out, ref) < 1e-5 and _rel_err(state, ref_state) < 1e-5
-    for g, want in zip(vjp((out, state)), ref_vjp((out, state))):
-        assert _rel_err(g, want) < 1e-5
-    with pytest.raises(ValueError, match="segment_ids"):
-        spec.fn(q, k, v, causal=True, implementation="pallas", segment_ids=jnp.zeros((1, 21), jnp.int32), **params)
+    helpers.check_mechanism_pallas_matches_chunked(name)
 
 
 BAD_ARGUMENTS = {
     "beta of the wrong shape": (dict(beta=jnp.zeros((1, 16, 1))), "beta"),
     "log gate per key dim": (dict(log_gate=jnp.zeros((1, 16, 2, 16))), "log_gate"),
-    "chunk not a power of two": (dict(chunk_size=24), "chunk_size"),
-    "chunk too small to tile on GPU": (dict(chunk_size=8, backend="triton"), "chunk_size"),
     "value block not a power of two": (dict(config=DeltaConfig(chunk_size=16, block_v=12)), "block_v"),
-    "initial state of the wrong shape": (dict(initial_state=jnp.zeros((1, 2, 16, 8))), "initial_state"),
-    "unknown backend": (dict(backend="cuda"), "backend"),
+    **helpers.COMMON_BAD_ARGUMENTS,
 }
 
 
@@ -175,9 +119,4 @@ def test_bad_arguments_raise_value_error_naming_them(kwargs, name):
 
 
 def test_unsupported_head_dims_raise_value_error():
-    q = jnp.zeros((1, 16, 2, 512), jnp.float32)
-    with pytest.raises(ValueError, match="head_dim"):
-        chunked_delta_recurrence(q, q, q[..., :16], q[..., 0], interpret=True)
-    q = jnp.zeros((1, 16, 2, 16), jnp.float32)
-    with pytest.raises(ValueError, match="v_head_dim"):
-        chunked_delta_recurrence(q, q, jnp.zeros((1, 16, 2, 300), q.dtype), q[..., 0], interpret=True)
+    helpers.check_head_dim_limits(lambda q, k, v: chunked_delta_recurrence(q, k, v, q[..., 0], interpret=True))

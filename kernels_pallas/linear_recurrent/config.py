@@ -52,8 +52,5 @@ TPU_DEFAULT = ChunkConfig(chunk_size=128, block_k=None, block_v=128)
 # CPU interpret mode (tests): small chunks so that short inputs still take several chunks.
 INTERPRET_DEFAULT = ChunkConfig(chunk_size=16)
 
-
-def default_config(backend: str, interpret) -> ChunkConfig:
-    if interpret:
-        return INTERPRET_DEFAULT
-    return TPU_DEFAULT if backend == "mosaic_tpu" else GPU_DEFAULT
+# What config=None picks (``_entry.choose_config``): (GPU, TPU, interpret mode).
+DEFAULTS = (GPU_DEFAULT, TPU_DEFAULT, INTERPRET_DEFAULT)

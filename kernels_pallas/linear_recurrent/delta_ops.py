@@ -17,16 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from attn import _common as c
-from kernels_pallas._common import resolve_backend
-from kernels_pallas.linear_recurrent import delta_chunk
-
-MAX_HEAD_DIM = 256
+from kernels_pallas.linear_recurrent import _entry, delta_chunk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,21 +62,8 @@ GPU_DEFAULT = DeltaConfig(chunk_size=64, block_v=64, num_warps=4, num_stages=2)
 TPU_DEFAULT = DeltaConfig(chunk_size=128, block_v=None)
 # CPU interpret mode (tests): small chunks so that short inputs take several (16: the GPU build's smallest tile).
 INTERPRET_DEFAULT = DeltaConfig(chunk_size=16, block_v=None)
-
-
-def default_config(backend: str, interpret) -> DeltaConfig:
-    if interpret:
-        return INTERPRET_DEFAULT
-    return TPU_DEFAULT if backend == "mosaic_tpu" else GPU_DEFAULT
-
-
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    """What the kernels need that is not an array (hashable: custom_vjp's non-differentiable argument)."""
-
-    config: DeltaConfig
-    backend: str
-    interpret: Any
+# What config=None picks (``_entry.choose_config``): (GPU, TPU, interpret mode).
+DEFAULTS = (GPU_DEFAULT, TPU_DEFAULT, INTERPRET_DEFAULT)
 
 
 def _kernels(backend):
@@ -95,7 +78,7 @@ def _kernels(backend):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _state_pass(w, u0, k_out, cum, h0, st: _Static):
+def _state_pass(w, u0, k_out, cum, h0, st: _entry.Static):
     """(states entering each chunk, corrected values U, final state) from the WY pieces: the sequential kernel."""
     outputs, _ = _state_pass_fwd(w, u0, k_out, cum, h0, st)
     return outputs
@@ -123,7 +106,7 @@ _state_pass.defvjp(_state_pass_fwd, _state_pass_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _output(q, k, u, cum, all_states, st: _Static):
+def _output(q, k, u, cum, all_states, st: _entry.Static):
     """Every chunk's output from its entering state and corrected values: the chunk-parallel kernel."""
     return _kernels(st.backend)[1].output(q, k, u, cum, all_states, config=st.config, interpret=st.interpret)
 
@@ -140,53 +123,6 @@ def _output_bwd(st, residuals, dout):
 
 
 _output.defvjp(_output_fwd, _output_bwd)
-
-
-def _check_inputs(q, k, v, beta, log_gate, initial_state):
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if getattr(x, "ndim", None) != 4:
-            raise ValueError(f"{name} must have rank 4 [batch, seq, heads, dim], got {getattr(x, 'shape', x)}")
-    if not (q.dtype == k.dtype == v.dtype) or not jnp.issubdtype(q.dtype, jnp.floating):
-        raise ValueError(f"q, k and v must share a floating-point dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.shape != k.shape:
-        raise ValueError(f"q and k must have the same shape [batch, seq, heads, head_dim], got {q.shape} and {k.shape}")
-    if v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"v must be [batch, seq, heads, v_head_dim] with q's {q.shape[:3]}, got {v.shape}")
-    b, s, h, dk = q.shape
-    dv = v.shape[3]
-    for name, dim in (("head_dim", dk), ("v_head_dim", dv)):
-        if dim > MAX_HEAD_DIM:
-            raise ValueError(f"{name} must be at most {MAX_HEAD_DIM} (state blocks live in fast memory), got {dim}")
-    for name, x in (("beta", beta), ("log_gate", log_gate)):
-        if x is None and name == "log_gate":
-            continue
-        if getattr(x, "shape", None) is None or tuple(x.shape) != (b, s, h):
-            raise ValueError(f"{name} must have shape [batch, seq, heads] = {(b, s, h)}, "
-                             f"got {getattr(x, 'shape', x)}")
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}")
-    if initial_state is not None and tuple(initial_state.shape) != (b, h, dk, dv):
-        raise ValueError(f"initial_state must have shape [batch, heads, head_dim, v_head_dim] = {(b, h, dk, dv)}, "
-                         f"got {tuple(initial_state.shape)}")
-
-
-def _pow2_at_least(n, floor):
-    return max(floor, 1 << max(0, (n - 1).bit_length()))
-
-
-def _resolve_config(config, chunk_size, backend, interpret, dv):
-    """The config with block_v filled from the (padded) value dim, validated for the backend."""
-    if config is None:
-        config = default_config(backend, interpret)
-    if not isinstance(config, DeltaConfig):
-        raise ValueError(f"config must be a DeltaConfig or None, got {type(config).__name__}")
-    if chunk_size is not None:
-        config = dataclasses.replace(config, chunk_size=chunk_size)
-    config.validate(16 if backend == "triton" else 8)
-    block_v = dv if config.block_v is None else min(config.block_v, dv)
-    if dv % block_v:
-        raise ValueError(f"block_v ({block_v}) must divide the value head dim ({dv})")
-    return dataclasses.replace(config, block_v=block_v)
 
 
 def _to_chunks(x, s_pad, d_pad, chunk, dtype):
@@ -234,23 +170,22 @@ def chunked_delta_recurrence(
     Papers: "Parallelizing Linear Transformers with the Delta Rule over Sequence Length"; "Gated Delta Networks:
     Improving Mamba2 with Delta Rule".
     """
-    _check_inputs(q, k, v, beta, log_gate, initial_state)
-    if q.dtype == jnp.float64 and not interpret:
-        raise ValueError("q, k, v in float64 are only supported with interpret=True; use float32 or lower")
-    backend = resolve_backend(backend, interpret)
-    if backend == "mosaic_tpu" and interpret is True:
-        from jax.experimental.pallas import tpu as pltpu
-
-        interpret = pltpu.InterpretParams()
+    per_step = [("beta", beta, ("batch", "seq", "heads"), "")]
+    if log_gate is not None:
+        per_step.append(("log_gate", log_gate, ("batch", "seq", "heads"), ""))
+    _entry.check_inputs(q, k, v, initial_state, per_step)
+    backend, interpret = _entry.resolve(q.dtype, backend, interpret)
+    config = _entry.choose_config(config, DeltaConfig, DEFAULTS, backend, interpret)
+    if chunk_size is not None:
+        config = dataclasses.replace(config, chunk_size=chunk_size)
+    config.validate(_entry.min_tile(backend))
     b, s, h, dk = q.shape
     dv = v.shape[3]
-    # Triton's dot wants power-of-two dims >= 16: zero columns of q, k, v and the state change nothing.
-    dk_pad = _pow2_at_least(dk, 16) if backend == "triton" else dk
-    dv_pad = _pow2_at_least(dv, 16) if backend == "triton" else dv
-    config = _resolve_config(config, chunk_size, backend, interpret, dv_pad)
+    # dk is never split (the correction w S contracts it): only block_v tiles the state.
+    dk_pad, dv_pad = _entry.padded_head_dims(dk, dv, backend)
+    config = _entry.fill_blocks(config, {"block_v": dv_pad})
     chunk = config.chunk_size
-    n_chunks = -(-max(s, 1) // chunk)
-    s_pad = n_chunks * chunk
+    s_pad = _entry.padded_length(s, chunk)
     acc = c.compute_dtype(q.dtype)
 
     qc, kc = (_to_chunks(x, s_pad, dk_pad, chunk, acc) for x in (q, k))  # [b, h, n, C, dk]
@@ -263,9 +198,8 @@ def chunked_delta_recurrence(
     def flat(x):  # [b, h, n, C, d] -> [b, h, s_pad, d] in the kernels' operand dtype
         return x.reshape(b, h, s_pad, x.shape[-1]).astype(q.dtype)
 
-    h0 = jnp.zeros((b, h, dk, dv), acc) if initial_state is None else initial_state.astype(acc)
-    h0 = jnp.pad(h0, ((0, 0), (0, 0), (0, dk_pad - dk), (0, dv_pad - dv)))
-    st = _Static(config, backend, interpret)
+    h0 = _entry.initial_state(initial_state, (b, h, dk, dv), dk_pad, dv_pad, acc)
+    st = _entry.Static(config, backend, interpret)
     cum = cum.reshape(b, h, s_pad)
     all_states, u, final = _state_pass(flat(w), flat(u0), flat(k_out), cum, h0, st)
     out = _output(flat(qc), flat(kc), u, cum, all_states, st)  # [b, h, s_pad, dv_pad] in q's dtype
@@ -275,7 +209,6 @@ def chunked_delta_recurrence(
 def mechanism_recurrence(q, k, v, beta, log_gate, *, initial_state, segment_ids, chunk_size):
     """``implementation="pallas"`` of attn's ``delta_rule`` / ``gated_delta_rule``: the kernel for the default
     device, in Pallas' interpreter on the CPU. q, k already normalised (q scaled), GQA heads repeated."""
-    if segment_ids is not None:
-        raise ValueError("segment_ids are not supported by implementation='pallas'; use 'chunked'")
+    _entry.refuse_segment_ids(segment_ids)
     return chunked_delta_recurrence(q, k, v, beta, log_gate, initial_state=initial_state, chunk_size=chunk_size,
                                     interpret=jax.default_backend() == "cpu")

@@ -13,7 +13,7 @@ import jax
 from jax.experimental import pallas as pl
 
 from kernels_pallas.linear_recurrent import delta_math, gpu_forward
-from kernels_pallas.linear_recurrent.gpu_forward import acc_dtype, chunk_tiles, compiler_params, make_dot
+from kernels_pallas.linear_recurrent.gpu_forward import acc_dtype, chunk_specs, chunk_tiles, compiler_params, make_dot
 
 
 def output(q, k, u, cum, all_states, *, config, interpret):
@@ -21,18 +21,15 @@ def output(q, k, u, cum, all_states, *, config, interpret):
     return gpu_forward.output(q, k, u, cum, all_states, config=config, interpret=interpret)
 
 
-def _gradient_kernel(q_ref, k_ref, u_ref, dout_ref, cum_ref, state_ref, dq_ref, dk_ref, du_ref, dcum_ref,
-                     dstate_ref):
+def _gradient_kernel(q_ref, k_ref, u_ref, dout_ref, cum_ref, state_ref, *grad_refs):
+    """grad_refs: dq, dk, du, dcum, dstate."""
     causal, _ = chunk_tiles(q_ref.shape[0])
     cum = cum_ref[...]
-    dq, dk, du, dcum, dstate = delta_math.output_gradients(
+    grads = delta_math.output_gradients(
         q_ref[...], k_ref[...], u_ref[...], dout_ref[...], cum[:, None], cum[None, :], causal, state_ref[...],
         make_dot(q_ref.dtype), keepdims=False)
-    dq_ref[...] = dq.astype(dq_ref.dtype)
-    dk_ref[...] = dk.astype(dk_ref.dtype)
-    du_ref[...] = du.astype(du_ref.dtype)
-    dcum_ref[...] = dcum.astype(dcum_ref.dtype)
-    dstate_ref[...] = dstate.astype(dstate_ref.dtype)
+    for ref, grad in zip(grad_refs, grads):
+        ref[...] = grad.astype(ref.dtype)
 
 
 def output_gradients(q, k, u, dout, cum, all_states, *, config, interpret):
@@ -40,10 +37,7 @@ def output_gradients(q, k, u, dout, cum, all_states, *, config, interpret):
     b, h, s, dk = q.shape
     dv = u.shape[-1]
     chunk = config.chunk_size
-    qk_spec = pl.BlockSpec((None, None, chunk, dk), lambda bi, hi, n: (bi, hi, n, 0))
-    v_spec = pl.BlockSpec((None, None, chunk, dv), lambda bi, hi, n: (bi, hi, n, 0))
-    cum_spec = pl.BlockSpec((None, None, chunk), lambda bi, hi, n: (bi, hi, n))
-    state_spec = pl.BlockSpec((None, None, None, dk, dv), lambda bi, hi, n: (bi, hi, n, 0, 0))
+    qk_spec, v_spec, cum_spec, state_spec = chunk_specs(chunk, dk, dv)
     acc = acc_dtype(q.dtype)
     return pl.pallas_call(
         _gradient_kernel,

@@ -11,7 +11,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels_pallas.linear_recurrent import delta_math, tpu_forward
 from kernels_pallas.linear_recurrent.gpu_forward import acc_dtype
-from kernels_pallas.linear_recurrent.tpu_forward import chunk_tiles, gate_inputs, make_dot
+from kernels_pallas.linear_recurrent.tpu_forward import chunk_specs, chunk_tiles, gate_inputs, make_dot
 
 
 def output(q, k, u, cum, all_states, *, config, interpret):
@@ -19,17 +19,14 @@ def output(q, k, u, cum, all_states, *, config, interpret):
     return tpu_forward.output(q, k, u, cum, all_states, config=config, interpret=interpret)
 
 
-def _gradient_kernel(q_ref, k_ref, u_ref, dout_ref, cum_col_ref, cum_row_ref, state_ref, dq_ref, dk_ref, du_ref,
-                     dcum_ref, dstate_ref):
+def _gradient_kernel(q_ref, k_ref, u_ref, dout_ref, cum_col_ref, cum_row_ref, state_ref, *grad_refs):
+    """grad_refs: dq, dk, du, dcum [chunk, 1], dstate."""
     causal, _ = chunk_tiles(q_ref.shape[0])
-    dq, dk, du, dcum, dstate = delta_math.output_gradients(
+    grads = delta_math.output_gradients(
         q_ref[...], k_ref[...], u_ref[...], dout_ref[...], cum_col_ref[...], cum_row_ref[...], causal,
         state_ref[...], make_dot(q_ref.dtype), keepdims=True)
-    dq_ref[...] = dq.astype(dq_ref.dtype)
-    dk_ref[...] = dk.astype(dk_ref.dtype)
-    du_ref[...] = du.astype(du_ref.dtype)
-    dcum_ref[...] = dcum.astype(dcum_ref.dtype)
-    dstate_ref[...] = dstate.astype(dstate_ref.dtype)
+    for ref, grad in zip(grad_refs, grads):
+        ref[...] = grad.astype(ref.dtype)
 
 
 def output_gradients(q, k, u, dout, cum, all_states, *, config, interpret):
@@ -37,11 +34,7 @@ def output_gradients(q, k, u, dout, cum, all_states, *, config, interpret):
     b, h, s, dk = q.shape
     dv = u.shape[-1]
     chunk = config.chunk_size
-    qk_spec = pl.BlockSpec((None, None, chunk, dk), lambda bi, hi, n: (bi, hi, n, 0))
-    v_spec = pl.BlockSpec((None, None, chunk, dv), lambda bi, hi, n: (bi, hi, n, 0))
-    col_spec = pl.BlockSpec((None, None, chunk, 1), lambda bi, hi, n: (bi, hi, n, 0))
-    row_spec = pl.BlockSpec((None, None, 1, chunk), lambda bi, hi, n: (bi, hi, 0, n))
-    state_spec = pl.BlockSpec((None, None, None, dk, dv), lambda bi, hi, n: (bi, hi, n, 0, 0))
+    qk_spec, v_spec, col_spec, row_spec, state_spec = chunk_specs(chunk, dk, dv)
     acc = acc_dtype(q.dtype)
     dq, dk_, du, dcum, dstates = pl.pallas_call(
         _gradient_kernel,

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from kernels_pallas.linear_recurrent import chunk_math
-from kernels_pallas.linear_recurrent.gpu_forward import acc_dtype, chunk_tiles, compiler_params, make_dot
+from kernels_pallas.linear_recurrent.gpu_forward import acc_dtype, chunk_specs, chunk_tiles, compiler_params, make_dot
 
 
 def _gradient_kernel(q_ref, k_ref, v_ref, dout_ref, cum_ref, state_ref, dstate_ref,
@@ -36,10 +36,7 @@ def gradients(q, k, v, dout, cum, states, dstates, *, config, interpret):
     b, h, s, dk = q.shape
     dv = v.shape[-1]
     chunk = config.chunk_size
-    qk_spec = pl.BlockSpec((None, None, chunk, dk), lambda bi, hi, n: (bi, hi, n, 0))
-    v_spec = pl.BlockSpec((None, None, chunk, dv), lambda bi, hi, n: (bi, hi, n, 0))
-    cum_spec = pl.BlockSpec((None, None, chunk), lambda bi, hi, n: (bi, hi, n))
-    state_spec = pl.BlockSpec((None, None, None, dk, dv), lambda bi, hi, n: (bi, hi, n, 0, 0))
+    qk_spec, v_spec, cum_spec, state_spec = chunk_specs(chunk, dk, dv)
     return pl.pallas_call(
         _gradient_kernel,
         grid=(b, h, s // chunk),

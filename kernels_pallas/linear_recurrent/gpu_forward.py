@@ -46,6 +46,15 @@ def compiler_params(config):
     return plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
 
 
+def chunk_specs(chunk, dk, dv):
+    """Block specs of one chunk of whole heads on the grid (batch, head, chunk): (q/k [C, dk], v [C, dv],
+    cum [C], state [dk, dv])."""
+    return (pl.BlockSpec((None, None, chunk, dk), lambda bi, hi, n: (bi, hi, n, 0)),
+            pl.BlockSpec((None, None, chunk, dv), lambda bi, hi, n: (bi, hi, n, 0)),
+            pl.BlockSpec((None, None, chunk), lambda bi, hi, n: (bi, hi, n)),
+            pl.BlockSpec((None, None, None, dk, dv), lambda bi, hi, n: (bi, hi, n, 0, 0)))
+
+
 def _output_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, out_ref):
     causal, _ = chunk_tiles(q_ref.shape[0])
     cum = cum_ref[...]

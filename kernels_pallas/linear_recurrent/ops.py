@@ -4,25 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from attn import _common as c
-from kernels_pallas._common import resolve_backend
+from kernels_pallas.linear_recurrent import _entry
 from kernels_pallas.linear_recurrent import config as config_lib
-
-MAX_HEAD_DIM = 256
-
-
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    """What the kernels need that is not an array (hashable: custom_vjp's non-differentiable argument)."""
-
-    config: config_lib.ChunkConfig
-    backend: str
-    interpret: Any
 
 
 def _kernels(backend):
@@ -49,7 +37,7 @@ def _forward(q, k, v, cum, h0, st, save_states):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _recurrence(q, k, v, cum, h0, st: _Static):
+def _recurrence(q, k, v, cum, h0, st: _entry.Static):
     out, final, _ = _forward(q, k, v, cum, h0, st, save_states=False)
     return out, final
 
@@ -71,36 +59,6 @@ def _recurrence_bwd(st, residuals, cotangents):
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
-
-
-def _check_inputs(q, k, v, log_gate, initial_state):
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if getattr(x, "ndim", None) != 4:
-            raise ValueError(f"{name} must have rank 4 [batch, seq, heads, head_dim], got {getattr(x, 'shape', x)}")
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.shape != k.shape:
-        raise ValueError(f"q and k must have the same shape [batch, seq, heads, head_dim], got {q.shape} and {k.shape}")
-    if v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"v must be [batch, seq, heads, v_head_dim] with q's {q.shape[:3]}, got {v.shape}")
-    b, s, h, dk = q.shape
-    dv = v.shape[3]
-    for name, dim in (("head_dim", dk), ("v_head_dim", dv)):
-        if dim > MAX_HEAD_DIM:
-            raise ValueError(f"{name} must be at most {MAX_HEAD_DIM} (the state block lives in fast memory), "
-                             f"got {dim}")
-    if log_gate is not None and tuple(log_gate.shape) != (b, s, h):
-        raise ValueError(f"log_gate must have shape [batch, seq, heads] = {(b, s, h)} (one scalar gate per head "
-                         f"and step), got {tuple(log_gate.shape)}")
-    if initial_state is not None and tuple(initial_state.shape) != (b, h, dk, dv):
-        raise ValueError(f"initial_state must have shape [batch, heads, head_dim, v_head_dim] = {(b, h, dk, dv)}, "
-                         f"got {tuple(initial_state.shape)}")
-
-
-def _pow2_at_least(n, floor):
-    return max(floor, 1 << max(0, (n - 1).bit_length()))
 
 
 def chunked_scalar_gate_recurrence(
@@ -139,22 +97,14 @@ def chunked_scalar_gate_recurrence(
     Papers: "Gated Linear Attention Transformers with Hardware-Efficient Training"; "Retentive Network: A
     Successor to Transformer for Large Language Models".
     """
-    _check_inputs(q, k, v, log_gate, initial_state)
-    if q.dtype == jnp.float64 and not interpret:
-        raise ValueError("q, k, v in float64 are only supported with interpret=True; use float32 or lower")
-    backend = resolve_backend(backend, interpret)
-    if backend == "mosaic_tpu" and interpret is True:
-        from jax.experimental.pallas import tpu as pltpu
-
-        interpret = pltpu.InterpretParams()
-    if config is None:
-        config = config_lib.default_config(backend, interpret)
-    if not isinstance(config, config_lib.ChunkConfig):
-        raise ValueError(f"config must be a ChunkConfig or None, got {type(config).__name__}")
+    per_step = [] if log_gate is None else [("log_gate", log_gate, ("batch", "seq", "heads"),
+                                             " (one scalar gate per head and step)")]
+    _entry.check_inputs(q, k, v, initial_state, per_step)
+    backend, interpret = _entry.resolve(q.dtype, backend, interpret)
+    config = _entry.choose_config(config, config_lib.ChunkConfig, config_lib.DEFAULTS, backend, interpret)
     if chunk_size is not None:
         config = dataclasses.replace(config, chunk_size=chunk_size)
-    min_chunk = 16 if backend == "triton" else 8
-    config.validate(min_chunk)
+    config.validate(_entry.min_tile(backend))
     if backend == "mosaic_tpu" and not interpret and config.chunk_size % 128:
         # The gates enter the TPU kernel as a [1, chunk] row tile, whose lane axis must be a multiple of 128.
         raise ValueError(f"chunk_size must be a multiple of 128 on TPU, got {config.chunk_size}")
@@ -162,18 +112,10 @@ def chunked_scalar_gate_recurrence(
     b, s, h, dk = q.shape
     dv = v.shape[3]
     acc = c.compute_dtype(q.dtype)
-    # Triton's dot wants power-of-two dims >= 16: zero columns of q, k, v and the state change nothing.
-    dk_pad = _pow2_at_least(dk, 16) if backend == "triton" else dk
-    dv_pad = _pow2_at_least(dv, 16) if backend == "triton" else dv
-    block_k = dk_pad if config.block_k is None else min(config.block_k, dk_pad)
-    block_v = dv_pad if config.block_v is None else min(config.block_v, dv_pad)
-    if dk_pad % block_k:
-        raise ValueError(f"block_k ({block_k}) must divide head_dim ({dk_pad})")
-    if dv_pad % block_v:
-        raise ValueError(f"block_v ({block_v}) must divide v_head_dim ({dv_pad})")
-    config = dataclasses.replace(config, block_k=block_k, block_v=block_v)
+    dk_pad, dv_pad = _entry.padded_head_dims(dk, dv, backend)
+    config = _entry.fill_blocks(config, {"block_k": dk_pad, "block_v": dv_pad})
     chunk = config.chunk_size
-    s_pad = -(-max(s, 1) // chunk) * chunk
+    s_pad = _entry.padded_length(s, chunk)
 
     # Padded steps have k = v = 0 and gate 0 (identity): the state passes through them unchanged.
     def prepare(x, d_pad):
@@ -185,17 +127,15 @@ def chunked_scalar_gate_recurrence(
     gate = jnp.swapaxes(jnp.pad(gate, ((0, 0), (0, s_pad - s), (0, 0))), 1, 2)  # [b, h, s_pad]
     # Inclusive cumulative log gate inside each chunk (its gradient, a reverse cumsum, comes from autodiff).
     cum = jnp.cumsum(gate.reshape(b, h, s_pad // chunk, chunk), axis=-1).reshape(b, h, s_pad)
-    h0 = jnp.zeros((b, h, dk, dv), acc) if initial_state is None else initial_state.astype(acc)
-    h0 = jnp.pad(h0, ((0, 0), (0, 0), (0, dk_pad - dk), (0, dv_pad - dv)))
+    h0 = _entry.initial_state(initial_state, (b, h, dk, dv), dk_pad, dv_pad, acc)
 
-    out, final = _recurrence(qp, kp, vp, cum, h0, _Static(config, backend, interpret))
+    out, final = _recurrence(qp, kp, vp, cum, h0, _entry.Static(config, backend, interpret))
     return jnp.swapaxes(out, 1, 2)[:, :s, :, :dv], final[:, :, :dk, :dv]
 
 
 def mechanism_recurrence(q, k, v, log_gate, *, initial_state, segment_ids, chunk_size):
     """``implementation="pallas"`` of attn's scalar-gate mechanisms (simple_gla, retention): the kernel for the
     default device, in Pallas' interpreter on the CPU. Inputs already scaled and with GQA heads repeated."""
-    if segment_ids is not None:
-        raise ValueError("segment_ids are not supported by implementation='pallas'; use 'chunked'")
+    _entry.refuse_segment_ids(segment_ids)
     return chunked_scalar_gate_recurrence(q, k, v, log_gate, initial_state=initial_state, chunk_size=chunk_size,
                                           interpret=jax.default_backend() == "cpu")

@@ -9,7 +9,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels_pallas.linear_recurrent import chunk_math
 from kernels_pallas.linear_recurrent.gpu_forward import acc_dtype
-from kernels_pallas.linear_recurrent.tpu_forward import chunk_tiles, gate_inputs, make_dot
+from kernels_pallas.linear_recurrent.tpu_forward import chunk_specs, chunk_tiles, gate_inputs, make_dot
 
 
 def _gradient_kernel(q_ref, k_ref, v_ref, dout_ref, cum_col_ref, cum_row_ref, state_ref, dstate_ref,
@@ -31,11 +31,7 @@ def gradients(q, k, v, dout, cum, states, dstates, *, config, interpret):
     b, h, s, dk = q.shape
     dv = v.shape[-1]
     chunk = config.chunk_size
-    qk_spec = pl.BlockSpec((None, None, chunk, dk), lambda bi, hi, n: (bi, hi, n, 0))
-    v_spec = pl.BlockSpec((None, None, chunk, dv), lambda bi, hi, n: (bi, hi, n, 0))
-    col_spec = pl.BlockSpec((None, None, chunk, 1), lambda bi, hi, n: (bi, hi, n, 0))
-    row_spec = pl.BlockSpec((None, None, 1, chunk), lambda bi, hi, n: (bi, hi, 0, n))
-    state_spec = pl.BlockSpec((None, None, None, dk, dv), lambda bi, hi, n: (bi, hi, n, 0, 0))
+    qk_spec, v_spec, col_spec, row_spec, state_spec = chunk_specs(chunk, dk, dv)
     dq, dk_, dv_, dcum = pl.pallas_call(
         _gradient_kernel,
         grid=(b, h, s // chunk),

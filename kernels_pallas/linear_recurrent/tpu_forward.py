@@ -45,6 +45,16 @@ def gate_inputs(cum):
     return cum[..., None], cum[:, :, None, :]
 
 
+def chunk_specs(chunk, dk, dv):
+    """Block specs of one chunk of whole heads on the grid (batch, head, chunk): (q/k [C, dk], v [C, dv],
+    cum column [C, 1], cum row [1, C], state [dk, dv]) (``gate_inputs`` gives the two cum forms)."""
+    return (pl.BlockSpec((None, None, chunk, dk), lambda bi, hi, n: (bi, hi, n, 0)),
+            pl.BlockSpec((None, None, chunk, dv), lambda bi, hi, n: (bi, hi, n, 0)),
+            pl.BlockSpec((None, None, chunk, 1), lambda bi, hi, n: (bi, hi, n, 0)),
+            pl.BlockSpec((None, None, 1, chunk), lambda bi, hi, n: (bi, hi, 0, n)),
+            pl.BlockSpec((None, None, None, dk, dv), lambda bi, hi, n: (bi, hi, n, 0, 0)))
+
+
 def _output_kernel(q_ref, k_ref, v_ref, cum_col_ref, cum_row_ref, state_ref, out_ref):
     causal, _ = chunk_tiles(q_ref.shape[0])
     out = chunk_math.chunk_output(q_ref[...], k_ref[...], v_ref[...], cum_col_ref[...], cum_row_ref[...], causal,

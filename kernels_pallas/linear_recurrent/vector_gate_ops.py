@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from attn import _common as c
-from kernels_pallas._common import resolve_backend
-
-MAX_HEAD_DIM = 256
+from kernels_pallas.linear_recurrent import _entry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,21 +59,8 @@ TPU_DEFAULT = VectorGateConfig(chunk_size=128, sub_chunk=32, state_block_k=None,
 # CPU interpret mode (tests): small chunks so that short inputs take several chunks and sub-chunks (16 is the
 # smallest tile the GPU build accepts).
 INTERPRET_DEFAULT = VectorGateConfig(chunk_size=32, sub_chunk=16, state_block_k=None, state_block_v=None)
-
-
-def default_config(backend: str, interpret) -> VectorGateConfig:
-    if interpret:
-        return INTERPRET_DEFAULT
-    return TPU_DEFAULT if backend == "mosaic_tpu" else GPU_DEFAULT
-
-
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    """What the kernels need that is not an array (hashable: custom_vjp's non-differentiable argument)."""
-
-    config: VectorGateConfig
-    backend: str
-    interpret: Any
+# What config=None picks (``_entry.choose_config``): (GPU, TPU, interpret mode).
+DEFAULTS = (GPU_DEFAULT, TPU_DEFAULT, INTERPRET_DEFAULT)
 
 
 def _kernels(backend):
@@ -90,7 +74,7 @@ def _kernels(backend):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _recurrence(q, k, v, cum, h0, st: _Static):
+def _recurrence(q, k, v, cum, h0, st: _entry.Static):
     (out, final), _ = _recurrence_fwd(q, k, v, cum, h0, st)
     return out, final
 
@@ -116,53 +100,6 @@ def _recurrence_bwd(st, residuals, cotangents):
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
-
-
-def _check_inputs(q, k, v, log_gate, initial_state):
-    for name, x in (("q", q), ("k", k), ("v", v), ("log_gate", log_gate)):
-        if getattr(x, "ndim", None) != 4:
-            raise ValueError(f"{name} must have rank 4 [batch, seq, heads, dim], got {getattr(x, 'shape', x)}")
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.shape != k.shape:
-        raise ValueError(f"q and k must have the same shape [batch, seq, heads, head_dim], got {q.shape} and {k.shape}")
-    if v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"v must be [batch, seq, heads, v_head_dim] with q's {q.shape[:3]}, got {v.shape}")
-    b, s, h, dk = q.shape
-    dv = v.shape[3]
-    for name, dim in (("head_dim", dk), ("v_head_dim", dv)):
-        if dim > MAX_HEAD_DIM:
-            raise ValueError(f"{name} must be at most {MAX_HEAD_DIM} (state blocks live in fast memory), got {dim}")
-    if tuple(log_gate.shape) != (b, s, h, dk):
-        raise ValueError(f"log_gate must have shape [batch, seq, heads, head_dim] = {(b, s, h, dk)} (one gate per "
-                         f"key dimension), got {tuple(log_gate.shape)}")
-    if initial_state is not None and tuple(initial_state.shape) != (b, h, dk, dv):
-        raise ValueError(f"initial_state must have shape [batch, heads, head_dim, v_head_dim] = {(b, h, dk, dv)}, "
-                         f"got {tuple(initial_state.shape)}")
-
-
-def _pow2_at_least(n, floor):
-    return max(floor, 1 << max(0, (n - 1).bit_length()))
-
-
-def _resolve_config(config, chunk_size, backend, interpret, dk, dv):
-    """The config with None blocks filled from the (padded) head dims, validated for the backend."""
-    if config is None:
-        config = default_config(backend, interpret)
-    if not isinstance(config, VectorGateConfig):
-        raise ValueError(f"config must be a VectorGateConfig or None, got {type(config).__name__}")
-    if chunk_size is not None:
-        config = dataclasses.replace(config, chunk_size=chunk_size, sub_chunk=min(config.sub_chunk, chunk_size))
-    config.validate(16 if backend == "triton" else 8)
-    blocks = {}
-    for name, dim in (("state_block_k", dk), ("state_block_v", dv), ("block_v", dv)):
-        block = dim if getattr(config, name) is None else min(getattr(config, name), dim)
-        if dim % block:
-            raise ValueError(f"{name} ({block}) must divide the head dim ({dim})")
-        blocks[name] = block
-    return dataclasses.replace(config, **blocks)
 
 
 def chunked_vector_gate_recurrence(
@@ -196,22 +133,19 @@ def chunked_vector_gate_recurrence(
 
     Paper: "Gated Linear Attention Transformers with Hardware-Efficient Training".
     """
-    _check_inputs(q, k, v, log_gate, initial_state)
-    if q.dtype == jnp.float64 and not interpret:
-        raise ValueError("q, k, v in float64 are only supported with interpret=True; use float32 or lower")
-    backend = resolve_backend(backend, interpret)
-    if backend == "mosaic_tpu" and interpret is True:
-        from jax.experimental.pallas import tpu as pltpu
-
-        interpret = pltpu.InterpretParams()
+    _entry.check_inputs(q, k, v, initial_state, [("log_gate", log_gate, ("batch", "seq", "heads", "head_dim"),
+                                                    " (one gate per key dimension)")])
+    backend, interpret = _entry.resolve(q.dtype, backend, interpret)
+    config = _entry.choose_config(config, VectorGateConfig, DEFAULTS, backend, interpret)
+    if chunk_size is not None:
+        config = dataclasses.replace(config, chunk_size=chunk_size, sub_chunk=min(config.sub_chunk, chunk_size))
+    config.validate(_entry.min_tile(backend))
     b, s, h, dk = q.shape
     dv = v.shape[3]
-    # Triton's dot wants power-of-two dims >= 16: zero columns of q, k, v and the state change nothing.
-    dk_pad = _pow2_at_least(dk, 16) if backend == "triton" else dk
-    dv_pad = _pow2_at_least(dv, 16) if backend == "triton" else dv
-    config = _resolve_config(config, chunk_size, backend, interpret, dk_pad, dv_pad)
+    dk_pad, dv_pad = _entry.padded_head_dims(dk, dv, backend)
+    config = _entry.fill_blocks(config, {"state_block_k": dk_pad, "state_block_v": dv_pad, "block_v": dv_pad})
     chunk = config.chunk_size
-    s_pad = -(-max(s, 1) // chunk) * chunk
+    s_pad = _entry.padded_length(s, chunk)
     acc = c.compute_dtype(q.dtype)
 
     # Padded steps have k = v = 0 and gate 0 (identity): the state passes through them unchanged.
@@ -222,17 +156,15 @@ def chunked_vector_gate_recurrence(
     gate = prepare(log_gate.astype(acc), dk_pad)
     # Inclusive cumulative log gate inside each chunk (its gradient, a reverse cumsum, comes from autodiff).
     cum = jnp.cumsum(gate.reshape(b, s_pad // chunk, chunk, h, dk_pad), axis=2).reshape(b, s_pad, h, dk_pad)
-    h0 = jnp.zeros((b, h, dk, dv), acc) if initial_state is None else initial_state.astype(acc)
-    h0 = jnp.pad(h0, ((0, 0), (0, 0), (0, dk_pad - dk), (0, dv_pad - dv)))
+    h0 = _entry.initial_state(initial_state, (b, h, dk, dv), dk_pad, dv_pad, acc)
 
-    out, final = _recurrence(qp, kp, vp, cum, h0, _Static(config, backend, interpret))
+    out, final = _recurrence(qp, kp, vp, cum, h0, _entry.Static(config, backend, interpret))
     return out[:, :s, :, :dv], final[:, :, :dk, :dv]
 
 
 def mechanism_recurrence(q, k, v, log_gate, *, initial_state, segment_ids, chunk_size):
     """``implementation="pallas"`` of attn's ``gla``: the kernel for the default device, in Pallas' interpreter on
     the CPU. Inputs already scaled and with GQA heads repeated."""
-    if segment_ids is not None:
-        raise ValueError("segment_ids are not supported by implementation='pallas'; use 'chunked'")
+    _entry.refuse_segment_ids(segment_ids)
     return chunked_vector_gate_recurrence(q, k, v, log_gate, initial_state=initial_state, chunk_size=chunk_size,
                                           interpret=jax.default_backend() == "cpu")
