@@ -116,16 +116,19 @@ def moba_layout(q, k, block_size: int, top_k: int, *, causal: bool, visible=None
     not steer the routing; a block with no visible key is never picked. causal: blocks after the query's own
     are out, the own block is always picked (it takes one of the top_k slots, as in MoBA) and the remaining
     slots go to the best past blocks. ``top_k`` larger than the number of blocks keeps every candidate.
+    Without ``visible`` the gate uses the pooled keys (O(n * kv_blocks) memory, as in the paper); with it, every
+    q . k product (O(n^2)), since each query pools its own visible keys.
     """
     b, sq, h, _ = q.shape
-    sk = k.shape[1]
+    sk, hkv, d = k.shape[1], k.shape[2], k.shape[3]
     nb = sk // block_size
     qf, kf = c.upcast(q, k)
-    dots = jax.lax.stop_gradient(grouped_logits(qf, kf, 1.0)).reshape(b, h, sq, nb, block_size)
     if visible is None:
-        gate = dots.mean(-1)
+        pooled = kf.reshape(b, nb, block_size, hkv, d).mean(2)
+        gate = jax.lax.stop_gradient(grouped_logits(qf, pooled, 1.0))  # [b, h, sq, nb]
         has_keys = jnp.ones(gate.shape, bool)
     else:
+        dots = jax.lax.stop_gradient(grouped_logits(qf, kf, 1.0)).reshape(b, h, sq, nb, block_size)
         w = jnp.broadcast_to(visible, (b, h, sq, sk)).reshape(b, h, sq, nb, block_size).astype(dots.dtype)
         count = w.sum(-1)
         gate = (dots * w).sum(-1) / jnp.maximum(count, 1.0)

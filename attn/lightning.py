@@ -34,7 +34,7 @@ def _example_params(key, q_shape, kv_shape, v_head_dim, causal):
     causal=(True,),
     segment_ids=True,
     cross=False,
-    implementations=r.MECHANISM_FORMS,
+    implementations=r.MECHANISM_FORMS + ("pallas",),
     example_params=_example_params,
 )
 def lightning(
@@ -59,13 +59,15 @@ def lightning(
     value dim without a learned weight (the weight, the q/k feature map (swish in TransNormerLLM) and the output
     gate belong to the model). ``scale`` (default 1: the paper does not scale; the norm removes it up to
     ``eps``) multiplies q. "chunked" is Lightning Attention-2's intra-block quadratic / inter-block recurrent
-    split. The state (``return_state``) is the unnormalised one, ``S_t = lambda S_{t-1} + k_t^T v_t``;
+    split; "pallas" runs that split as the scalar-gate Pallas kernel (``kernels_pallas.linear_recurrent``,
+    interpreted on the CPU; no ``segment_ids``). The state (``return_state``) is the unnormalised one, ``S_t = lambda S_{t-1} + k_t^T v_t``;
     ``initial_state``/``segment_ids`` as in ``gla``.
 
     Paper: "Various Lengths, Constant Speed: Efficient Language Modeling with Lightning Attention" (and
     "Lightning Attention-2", "The Devil in Linear Transformer", "Scaling TransNormer to 175 Billion Parameters").
     """
-    form = r.mechanism_setup(q, k, v, causal, implementation, chunk_size, "lightning")
+    checked = None if implementation == "pallas" else implementation  # "pallas" dispatches below
+    form = r.mechanism_setup(q, k, v, causal, checked, chunk_size, "lightning")
     b, s, h, dk = q.shape
     decay = r.check_shape(decay, (h,), "decay", "[heads]")
     if not eps > 0:
@@ -75,10 +77,19 @@ def lightning(
     k, v = c.repeat_kv(k, h), c.repeat_kv(v, h)
     dt = c.compute_dtype(q.dtype)
     log_gate = jnp.broadcast_to(r.log_decay(decay, dt), (b, s, h))
-    out, state = r.linear_recurrence(
-        q.astype(dt) * scale, k, v, log_gate=log_gate, initial_state=initial_state,
-        segment_ids=segment_ids, implementation=form, chunk_size=chunk_size,
-    )
+    if implementation == "pallas":  # the kernel keeps the input dtype (float32 state inside); norm in dt
+        from kernels_pallas.linear_recurrent import ops
+
+        out, state = ops.mechanism_recurrence(
+            (q * scale).astype(q.dtype), k, v, log_gate, initial_state=initial_state, segment_ids=segment_ids,
+            chunk_size=chunk_size,
+        )
+        out = out.astype(dt)
+    else:
+        out, state = r.linear_recurrence(
+            q.astype(dt) * scale, k, v, log_gate=log_gate, initial_state=initial_state,
+            segment_ids=segment_ids, implementation=form, chunk_size=chunk_size,
+        )
     out = srms_norm(out, eps).astype(q.dtype)
     return (out, state) if return_state else out
 

@@ -110,6 +110,6 @@ def test_unsupported_head_dims_and_shapes_raise_value_error():
         chunked_scalar_gate_recurrence(*(q.astype(jnp.float64),) * 3, backend="triton")
 
 
-@pytest.mark.parametrize("name", ["simple_gla", "retention"])
+@pytest.mark.parametrize("name", ["simple_gla", "retention", "lightning"])
 def test_mechanism_pallas_implementation_matches_chunked_with_gqa(name):
     helpers.check_mechanism_pallas_matches_chunked(name)

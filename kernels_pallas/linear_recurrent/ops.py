@@ -134,8 +134,8 @@ def chunked_scalar_gate_recurrence(
 
 
 def mechanism_recurrence(q, k, v, log_gate, *, initial_state, segment_ids, chunk_size):
-    """``implementation="pallas"`` of attn's scalar-gate mechanisms (simple_gla, retention): the kernel for the
-    default device, in Pallas' interpreter on the CPU. Inputs already scaled and with GQA heads repeated."""
+    """``implementation="pallas"`` of attn's scalar-gate mechanisms (simple_gla, retention, lightning): the kernel
+    for the default device, in Pallas' interpreter on the CPU. Inputs already scaled and GQA heads repeated."""
     _entry.refuse_segment_ids(segment_ids)
     return chunked_scalar_gate_recurrence(q, k, v, log_gate, initial_state=initial_state, chunk_size=chunk_size,
                                           interpret=jax.default_backend() == "cpu")
