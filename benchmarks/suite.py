@@ -54,6 +54,9 @@ def _parse(argv):
     ap.add_argument("--windows", nargs="+", type=int, default=None, help="sliding windows in keys (512 2048)")
     ap.add_argument("--densities", nargs="+", type=float, default=None, help="block densities (0.1 0.25 0.5)")
     ap.add_argument("--mechanisms", nargs="+", default=None, help="linear-recurrent mechanisms (default: all)")
+    ap.add_argument("--forms", nargs="+", default=None,
+                    help="time only these of our implementations (e.g. pallas chunked; default: all); the check "
+                         "against the float32 'xla' reference runs all the same")
     ap.add_argument("--merge", nargs="+", default=None, metavar="SUITE_JSON",
                     help="runs nothing: combines the rows of earlier runs' suite.json files (each row keeps its "
                          "run's device, date and commit) and writes the tables, plots and headline under --out")
@@ -475,7 +478,7 @@ def main(args) -> int:
             log(f"{case.name}: not run: --budget of {args.budget:g} s spent")
             report.setdefault("cases_not_run", []).append(dict(case=case.name, reason="time budget spent"))
             continue
-        impl_list = impls.ours(case)
+        impl_list = [i for i in impls.ours(case) if args.forms is None or i.name.split("/")[-1] in args.forms]
         if args.smoke:
             unavailable.setdefault("all peers", "not run in --smoke mode")
         else:

@@ -19,7 +19,8 @@ budget=${SUITE_BUDGET:-430}
 common=(--out "$out" --budget "$budget" --min-time 0.25 --head-dims 128 --seqs 2048 16384)
 case $part in
   attention) args=(--families dense sliding_window block_sparse --causal causal --windows 512 --densities 0.25 --no-scan) ;;
-  linear) args=(--families linear_recurrent --mechanisms simple_gla gla delta_rule --no-scan) ;;
+  # Our quadratic "xla" and step-by-step "recurrent" forms are references: timing them at 16k costs minutes.
+  linear) args=(--families linear_recurrent --mechanisms simple_gla gla delta_rule --forms chunked pallas --no-scan) ;;
   scan) args=(--families none --scan-seqs 1024 4096 16384) ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac

@@ -202,3 +202,18 @@ def test_merge_keeps_each_rows_run_and_the_peers_measured_anywhere(tmp_path):
     assert merged["complexity_scan"] == [dict(mechanism="m")] and merged["complexity_scan_run"] == 1
     entries = {e["family"]: e for e in suite.headline(merged["rows"], merged["runs"])}
     assert (entries["dense"]["device"], entries["linear_recurrent"]["device"]) == ("A", "B")
+
+
+def test_forms_limits_the_timed_implementations(tmp_path):
+    forms = attn.spec("sliding_window").implementations
+    assert len(forms) > 1  # else the filter below would prove nothing
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("JAX_ENABLE_X64", None)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.suite", "--smoke", "--out", str(tmp_path), "--families",
+                           "sliding_window", "--seqs", "64", "--forms", forms[0], "--no-scan"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(tmp_path / "suite.json") as fh:
+        rows = json.load(fh)["rows"]
+    assert {(r["impl"], r["mode"], r["status"]) for r in rows} == {
+        (f"ours sliding_window/{forms[0]}", m, "ok") for m in ("fwd", "fwd_bwd")}
