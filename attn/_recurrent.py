@@ -360,16 +360,35 @@ def _delta_chunked(q, k, v, beta, log_gate, state, count, chunk):
 MECHANISM_FORMS = ("xla", "recurrent", "chunked")
 
 
-def mechanism_setup(q, k, v, causal, implementation, chunk_size, name: str) -> str:
+def mechanism_setup(q, k, v, causal, implementation, chunk_size, name: str, kernel: bool = False) -> str:
     """Checks the shared arguments of a causal recurrent mechanism; returns the form for the helpers above.
 
-    The mechanisms' "xla" is the parallel form; None picks "chunked".
+    The mechanisms' "xla" is the parallel form; None picks "chunked"; ``kernel``: "pallas" is accepted too.
     """
     c.check_qkv(q, k, v, cross=False)
-    form = "chunked" if implementation is None else c.check_implementation(implementation, MECHANISM_FORMS, name)
+    forms = MECHANISM_FORMS + ("pallas",) if kernel else MECHANISM_FORMS
+    form = "chunked" if implementation is None else c.check_implementation(implementation, forms, name)
     c.check_causal(causal, (True,), name)
     c.positive_int(chunk_size, "chunk_size")
     return "parallel" if form == "xla" else form
+
+
+def gated_recurrence(q, k, v, log_gate, *, scale, initial_state, segment_ids, form, chunk_size):
+    """The recurrence of the gated mechanisms (simple_gla, gla, retention, lightning): q unscaled, k and v with
+    q's heads, ``log_gate`` [b, s, h] (scalar gate) or [b, s, h, dk] (vector gate). Form "pallas" runs the
+    kernels of ``kernels_pallas.linear_recurrent`` (on the CPU in Pallas' interpreter), which keep q's dtype
+    with a float32 state inside; the other forms run ``linear_recurrence`` in the compute dtype."""
+    dt = c.compute_dtype(q.dtype)
+    log_gate = log_gate.astype(dt)
+    if form == "pallas":
+        if log_gate.ndim == 4:
+            from kernels_pallas.linear_recurrent.vector_gate_ops import mechanism_recurrence
+        else:
+            from kernels_pallas.linear_recurrent.ops import mechanism_recurrence
+        return mechanism_recurrence((q * scale).astype(q.dtype), k, v, log_gate, initial_state=initial_state,
+                                    segment_ids=segment_ids, chunk_size=chunk_size)
+    return linear_recurrence(q.astype(dt) * scale, k, v, log_gate=log_gate, initial_state=initial_state,
+                             segment_ids=segment_ids, implementation=form, chunk_size=chunk_size)
 
 
 def check_shape(x, shape, name: str, layout: str):

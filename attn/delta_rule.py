@@ -15,13 +15,6 @@ def _example_params(key, q_shape, kv_shape, v_head_dim, causal):
     return {"beta": jax.nn.sigmoid(jax.random.normal(key, (b, s, h)))}
 
 
-def pallas_or_form(q, k, v, causal, implementation, chunk_size, name):
-    """The form for ``delta_attention``: "pallas" (dispatched there), else the checked recurrent form."""
-    checked = None if implementation == "pallas" else implementation
-    form = r.mechanism_setup(q, k, v, causal, checked, chunk_size, name)
-    return "pallas" if implementation == "pallas" else form
-
-
 def delta_attention(
     q, k, v, *, scale, beta, log_gate, initial_state, segment_ids, return_state, chunk_size, form
 ):
@@ -89,7 +82,7 @@ def delta_rule(
 
     Paper: "Parallelizing Linear Transformers with the Delta Rule over Sequence Length".
     """
-    form = pallas_or_form(q, k, v, causal, implementation, chunk_size, "delta_rule")
+    form = r.mechanism_setup(q, k, v, causal, implementation, chunk_size, "delta_rule", kernel=True)
     b, s, h, _ = q.shape
     beta = r.check_shape(beta, (b, s, h), "beta", "[batch, seq, heads]")
     initial_state = r.check_state(initial_state, q, v)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from attn import _recurrent as r
 from attn._registry import register
-from attn.delta_rule import delta_attention, pallas_or_form
+from attn.delta_rule import delta_attention
 
 
 def _example_params(key, q_shape, kv_shape, v_head_dim, causal):
@@ -56,7 +56,7 @@ def gated_delta_rule(
 
     Paper: "Gated Delta Networks: Improving Mamba2 with Delta Rule".
     """
-    form = pallas_or_form(q, k, v, causal, implementation, chunk_size, "gated_delta_rule")
+    form = r.mechanism_setup(q, k, v, causal, implementation, chunk_size, "gated_delta_rule", kernel=True)
     b, s, h, _ = q.shape
     beta = r.check_shape(beta, (b, s, h), "beta", "[batch, seq, heads]")
     log_gate = r.check_shape(log_gate, (b, s, h), "log_gate", "[batch, seq, heads]")

@@ -56,26 +56,14 @@ def gla(
 
     Paper: "Gated Linear Attention Transformers with Hardware-Efficient Training".
     """
-    checked = None if implementation == "pallas" else implementation  # "pallas" dispatches below
-    form = r.mechanism_setup(q, k, v, causal, checked, chunk_size, "gla")
+    form = r.mechanism_setup(q, k, v, causal, implementation, chunk_size, "gla", kernel=True)
     b, s, h, dk = q.shape
     log_gate = r.check_shape(log_gate, (b, s, h, dk), "log_gate", "[batch, seq, heads, dk]")
     initial_state = r.check_state(initial_state, q, v)
     scale = c.default_scale(scale, dk)
     k, v = c.repeat_kv(k, h), c.repeat_kv(v, h)
-    dt = c.compute_dtype(q.dtype)
-    if implementation == "pallas":  # the Pallas kernel keeps the input dtype (float32 state inside)
-        from kernels_pallas.linear_recurrent import vector_gate_ops
-
-        out, state = vector_gate_ops.mechanism_recurrence(
-            (q * scale).astype(q.dtype), k, v, log_gate.astype(dt), initial_state=initial_state,
-            segment_ids=segment_ids, chunk_size=chunk_size,
-        )
-    else:
-        out, state = r.linear_recurrence(
-            q.astype(dt) * scale, k, v, log_gate=log_gate.astype(dt), initial_state=initial_state,
-            segment_ids=segment_ids, implementation=form, chunk_size=chunk_size,
-        )
+    out, state = r.gated_recurrence(q, k, v, log_gate, scale=scale, initial_state=initial_state,
+                                    segment_ids=segment_ids, form=form, chunk_size=chunk_size)
     out = out.astype(q.dtype)
     return (out, state) if return_state else out
 

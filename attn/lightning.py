@@ -66,8 +66,7 @@ def lightning(
     Paper: "Various Lengths, Constant Speed: Efficient Language Modeling with Lightning Attention" (and
     "Lightning Attention-2", "The Devil in Linear Transformer", "Scaling TransNormer to 175 Billion Parameters").
     """
-    checked = None if implementation == "pallas" else implementation  # "pallas" dispatches below
-    form = r.mechanism_setup(q, k, v, causal, checked, chunk_size, "lightning")
+    form = r.mechanism_setup(q, k, v, causal, implementation, chunk_size, "lightning", kernel=True)
     b, s, h, dk = q.shape
     decay = r.check_shape(decay, (h,), "decay", "[heads]")
     if not eps > 0:
@@ -77,20 +76,9 @@ def lightning(
     k, v = c.repeat_kv(k, h), c.repeat_kv(v, h)
     dt = c.compute_dtype(q.dtype)
     log_gate = jnp.broadcast_to(r.log_decay(decay, dt), (b, s, h))
-    if implementation == "pallas":  # the kernel keeps the input dtype (float32 state inside); norm in dt
-        from kernels_pallas.linear_recurrent import ops
-
-        out, state = ops.mechanism_recurrence(
-            (q * scale).astype(q.dtype), k, v, log_gate, initial_state=initial_state, segment_ids=segment_ids,
-            chunk_size=chunk_size,
-        )
-        out = out.astype(dt)
-    else:
-        out, state = r.linear_recurrence(
-            q.astype(dt) * scale, k, v, log_gate=log_gate, initial_state=initial_state,
-            segment_ids=segment_ids, implementation=form, chunk_size=chunk_size,
-        )
-    out = srms_norm(out, eps).astype(q.dtype)
+    out, state = r.gated_recurrence(q, k, v, log_gate, scale=scale, initial_state=initial_state,
+                                    segment_ids=segment_ids, form=form, chunk_size=chunk_size)
+    out = srms_norm(out.astype(dt), eps).astype(q.dtype)  # the norm in the compute dtype for every form
     return (out, state) if return_state else out
 
 

@@ -53,27 +53,15 @@ def retention(
 
     Paper: "Retentive Network: A Successor to Transformer for Large Language Models".
     """
-    checked = None if implementation == "pallas" else implementation  # "pallas" dispatches below
-    form = r.mechanism_setup(q, k, v, causal, checked, chunk_size, "retention")
+    form = r.mechanism_setup(q, k, v, causal, implementation, chunk_size, "retention", kernel=True)
     b, s, h, dk = q.shape
     decay = r.check_shape(decay, (h,), "decay", "[heads]")
     initial_state = r.check_state(initial_state, q, v)
     scale = c.default_scale(scale, dk)
     k, v = c.repeat_kv(k, h), c.repeat_kv(v, h)
-    dt = c.compute_dtype(q.dtype)
-    log_gate = jnp.broadcast_to(r.log_decay(decay, dt), (b, s, h))
-    if implementation == "pallas":  # the Pallas kernel keeps the input dtype (float32 state inside)
-        from kernels_pallas.linear_recurrent import ops
-
-        out, state = ops.mechanism_recurrence(
-            (q * scale).astype(q.dtype), k, v, log_gate, initial_state=initial_state, segment_ids=segment_ids,
-            chunk_size=chunk_size,
-        )
-    else:
-        out, state = r.linear_recurrence(
-            q.astype(dt) * scale, k, v, log_gate=log_gate, initial_state=initial_state,
-            segment_ids=segment_ids, implementation=form, chunk_size=chunk_size,
-        )
+    log_gate = jnp.broadcast_to(r.log_decay(decay, c.compute_dtype(q.dtype)), (b, s, h))
+    out, state = r.gated_recurrence(q, k, v, log_gate, scale=scale, initial_state=initial_state,
+                                    segment_ids=segment_ids, form=form, chunk_size=chunk_size)
     out = out.astype(q.dtype)
     return (out, state) if return_state else out
 
