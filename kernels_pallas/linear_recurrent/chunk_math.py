@@ -24,6 +24,24 @@ kernels do, so that bf16 inputs run bf16 matmuls; accumulation and the carried s
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax import lax
+
+
+def acc_dtype(dtype):
+    return jnp.float64 if dtype == jnp.float64 else jnp.float32
+
+
+def make_dot(dtype):
+    """lax.dot_general accumulating in the accumulation dtype; exact (not tf32) products for float32 inputs: the
+    TPU builds' ``dot`` (the Triton builds have their own, in gpu_forward)."""
+    precision = lax.Precision.HIGHEST if dtype in (jnp.float32, jnp.float64) else None
+    acc = acc_dtype(dtype)
+
+    def dot(a, b, trans_a=False, trans_b=False):
+        dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
+        return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=acc)
+
+    return dot
 
 
 def decay_matrix(cum_col, cum_row, causal):

@@ -19,10 +19,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels_pallas.linear_recurrent import chunk_math
-
-
-def acc_dtype(dtype):
-    return jnp.float64 if dtype == jnp.float64 else jnp.float32
+from kernels_pallas.linear_recurrent.chunk_math import acc_dtype
 
 
 def make_dot(dtype):

@@ -18,19 +18,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels_pallas.linear_recurrent import chunk_math
-from kernels_pallas.linear_recurrent.gpu_forward import acc_dtype
-
-
-def make_dot(dtype):
-    """lax.dot_general accumulating in the accumulation dtype; exact float32 products for float32 inputs."""
-    precision = lax.Precision.HIGHEST if dtype in (jnp.float32, jnp.float64) else None
-    acc = acc_dtype(dtype)
-
-    def dot(a, b, trans_a=False, trans_b=False):
-        dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
-        return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=acc)
-
-    return dot
+from kernels_pallas.linear_recurrent.chunk_math import acc_dtype, make_dot  # noqa: F401 (the TPU builds' dot)
 
 
 def chunk_tiles(chunk):

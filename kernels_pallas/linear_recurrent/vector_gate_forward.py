@@ -23,21 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-
-def acc_dtype(dtype):
-    return jnp.float64 if dtype == jnp.float64 else jnp.float32
-
-
-def make_dot(dtype):
-    """lax.dot_general accumulating in the accumulation dtype; exact (not tf32) products for float32 inputs."""
-    precision = lax.Precision.HIGHEST if dtype in (jnp.float32, jnp.float64) else None
-    acc = acc_dtype(dtype)
-
-    def dot(a, b, trans_a=False, trans_b=False):
-        dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
-        return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=acc)
-
-    return dot
+from kernels_pallas.linear_recurrent.chunk_math import acc_dtype, make_dot  # noqa: F401 (used by the builds)
 
 
 def masked_decay(cum_rows, cum_ref_row, keep):
