@@ -5,18 +5,24 @@ already there):
     PYTHONPATH=. python3 benchmarks/linear_recurrent.py --fla-wheel path/to/fla_core-0.6.0-py3-none-any.whl [--quick]
 Variants: "simple_gla" (data-dependent scalar log gate per head and step; fla's chunk_simple_gla), "linear"
 (no gate; fla's chunk_linear_attn) and "gla" (data-dependent log gate per head, step and key dimension, the
-vector-gate kernel; fla's chunk_gla). Shapes B4 S8192 H16 D128 and B1 S32768 H16 D128, bfloat16, forward and
-forward+backward (gradients of q, k, v and the gate, for fla too). Tokens/s = B * S / median seconds per call.
+vector-gate kernel; fla's chunk_gla), "delta_rule" (DeltaNet: L2-normalised q and k, beta per head and step,
+the delta-rule kernel; fla's chunk_delta_rule; the "gate" slot below carries beta). Shapes B4 S8192 H16 D128 and B1 S32768 H16 D128, bfloat16, forward and
+forward+backward (gradients of q, k, v and the gate or beta, for fla too). Tokens/s = B * S / median seconds per call.
 
 Peak memory: for fla, torch.cuda.max_memory_allocated over the timed calls (after a reset); for the JAX paths, the
 compiled executable's arguments + outputs + temporaries (XLA's memory analysis), since JAX has no per-call peak
 reset. Each case also records the relative error of the outputs against XLA's chunked form (float32 maths).
 Writes $OUT/linear_recurrent.json after every case and $OUT/linear_recurrent.md at the end.
+
+``--variants`` picks a subset; ``--sweep`` also times the Pallas kernels under each tiling of SWEEP (rows
+"pallas[label]"), to tune the defaults; ``--smoke`` runs the whole script on the CPU at a tiny shape in Pallas'
+interpreter, without fla (a dry run of the script, not a measurement).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -34,12 +40,35 @@ import numpy as np  # noqa: E402
 
 from attn import _recurrent  # noqa: E402
 from kernels_pallas.linear_recurrent import chunked_scalar_gate_recurrence, chunked_scalar_gate_reference  # noqa: E402
-from kernels_pallas.linear_recurrent.vector_gate_ops import chunked_vector_gate_recurrence  # noqa: E402
+from kernels_pallas.linear_recurrent import config as scalar_config  # noqa: E402
+from kernels_pallas.linear_recurrent import delta_ops  # noqa: E402
+from kernels_pallas.linear_recurrent import vector_gate_ops  # noqa: E402
 
 OUT = os.environ.get("OUT", ".")
 SHAPES = [(4, 8192, 16, 128), (1, 32768, 16, 128)]
-VARIANTS = ("simple_gla", "linear", "gla")
+VARIANTS = ("simple_gla", "linear", "gla", "delta_rule")
 START = time.perf_counter()
+SMOKE = False  # set by --smoke: interpret mode, tiny shapes
+
+_SCALAR, _VECTOR = scalar_config.GPU_DEFAULT, vector_gate_ops.GPU_DEFAULT
+# Tilings timed by --sweep, per kernel (the scalar gate serves simple_gla and linear; the vector gate gla).
+SWEEP = {
+    "scalar": {
+        "fused-forward": dataclasses.replace(_SCALAR, fused_forward=True),
+        "state-128x64": dataclasses.replace(_SCALAR, block_k=None),
+        "state-64x128": dataclasses.replace(_SCALAR, block_v=None),
+        "chunk-128": dataclasses.replace(_SCALAR, chunk_size=128),
+        "warps-8": dataclasses.replace(_SCALAR, num_warps=8),
+        "stages-3": dataclasses.replace(_SCALAR, num_stages=3),
+    },
+    "vector": {
+        "sub-32": dataclasses.replace(_VECTOR, sub_chunk=32),
+        "state-128x64": dataclasses.replace(_VECTOR, state_block_k=None),
+        "block-v-64": dataclasses.replace(_VECTOR, block_v=64),
+        "warps-8": dataclasses.replace(_VECTOR, num_warps=8),
+        "stages-3": dataclasses.replace(_VECTOR, num_stages=3),
+    },
+}
 
 
 def log(*parts):
@@ -61,11 +90,13 @@ def load_fla(wheel):
         sys.path.insert(0, target)
     try:
         import torch  # noqa: F401
+        from fla.ops.delta_rule import chunk_delta_rule
         from fla.ops.gla import chunk_gla
         from fla.ops.linear_attn import chunk_linear_attn
         from fla.ops.simple_gla import chunk_simple_gla
 
-        return {"simple_gla": chunk_simple_gla, "linear": chunk_linear_attn, "gla": chunk_gla}
+        return {"simple_gla": chunk_simple_gla, "linear": chunk_linear_attn, "gla": chunk_gla,
+                "delta_rule": chunk_delta_rule}
     except Exception as e:  # the table then says fla was unavailable
         log(f"fla unavailable: {type(e).__name__}: {e}")
         return None
@@ -81,6 +112,10 @@ def inputs(key, b, s, h, d, variant):
         gate = jax.nn.log_sigmoid(jax.random.normal(kg, (b, s, h), jnp.float32) + 4.0)  # mostly mild decay
     if variant == "gla":
         gate = jax.nn.log_sigmoid(jax.random.normal(kg, (b, s, h, d), jnp.float32)) / 16  # the paper's gate
+    if variant == "delta_rule":  # unit q and k (q then scaled), beta in (0, 1)
+        unit = lambda x: x / jnp.linalg.norm(x.astype(jnp.float32), axis=-1, keepdims=True)
+        q, k = (unit(q) * d**-0.5).astype(jnp.bfloat16), unit(k).astype(jnp.bfloat16)
+        gate = jax.nn.sigmoid(jax.random.normal(kg, (b, s, h), jnp.float32)).astype(jnp.bfloat16)
     dout = jax.random.normal(kd, (b, s, h, d), jnp.float32).astype(jnp.bfloat16)
     return q, k, v, gate, dout
 
@@ -97,16 +132,26 @@ def timed(fn, sync, min_time=1.0, max_iters=100):
     return statistics.median(times)
 
 
-def jax_fns(kind, variant):
-    """(forward, forward+backward) jitted functions of (q, k, v, gate, dout) for one JAX implementation."""
-    if variant == "gla" and kind == "pallas":
-        rec = lambda q, k, v, g: chunked_vector_gate_recurrence(q, k, v, g, backend="triton")[0]
+def jax_fns(kind, variant, config=None):
+    """(forward, forward+backward) jitted functions of (q, k, v, gate, dout) for one JAX implementation;
+    ``config``: the Pallas kernel's tiling (None: its default)."""
+    if variant == "delta_rule" and kind == "pallas":
+        rec = lambda q, k, v, beta: delta_ops.chunked_delta_recurrence(q, k, v, beta, backend="triton",
+                                                                      interpret=SMOKE)[0]
+    elif variant == "delta_rule":  # XLA's chunked form, float32 maths and state
+        rec = lambda q, k, v, beta: _recurrent.delta_recurrence(
+            *(x.astype(jnp.float32) for x in (q, k, v, beta)), implementation="chunked", chunk_size=64
+        )[0].astype(q.dtype)
+    elif variant == "gla" and kind == "pallas":
+        rec = lambda q, k, v, g: vector_gate_ops.chunked_vector_gate_recurrence(
+            q, k, v, g, config=config, backend="triton", interpret=SMOKE)[0]
     elif variant == "gla":  # XLA's chunked form, float32 maths and state
         rec = lambda q, k, v, g: _recurrent.linear_recurrence(
             *(x.astype(jnp.float32) for x in (q, k, v)), log_gate=g, implementation="chunked", chunk_size=64
         )[0].astype(q.dtype)
     elif kind == "pallas":
-        rec = lambda q, k, v, g: chunked_scalar_gate_recurrence(q, k, v, g, backend="triton")[0]
+        rec = lambda q, k, v, g: chunked_scalar_gate_recurrence(q, k, v, g, config=config, backend="triton",
+                                                                interpret=SMOKE)[0]
     else:  # XLA's chunked form; bf16 in, float32 maths and state
         rec = lambda q, k, v, g: chunked_scalar_gate_reference(q, k, v, g, chunk_size=64)[0]
 
@@ -130,8 +175,8 @@ def jax_memory(fn, args):
     return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)
 
 
-def run_jax(kind, variant, mode, q, k, v, gate, dout):
-    fwd, fwd_bwd = jax_fns(kind, variant)
+def run_jax(kind, variant, mode, q, k, v, gate, dout, config=None):
+    fwd, fwd_bwd = jax_fns(kind, variant, config)
     fn = fwd if mode == "forward" else fwd_bwd
     args = (q, k, v, gate, dout)
     seconds = timed(lambda: fn(*args), jax.block_until_ready)
@@ -149,6 +194,8 @@ def run_fla(fla, variant, mode, q, k, v, gate, dout):
     def call(q, k, v, g=None):
         if variant in ("simple_gla", "gla"):
             return fn(q, k, v, g=g, scale=1.0)[0]
+        if variant == "delta_rule":
+            return fn(q, k, v, g, scale=1.0)[0]  # g carries beta
         return fn(q, k, v, scale=1.0, normalize=False)[0]
 
     if mode == "forward":
@@ -198,16 +245,25 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--fla-wheel", default=None, help="path of the fla-core 0.6.0 wheel to import fla from")
     parser.add_argument("--quick", action="store_true", help="first shape only")
+    parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    parser.add_argument("--sweep", action="store_true", help="also time the Pallas kernels under SWEEP's tilings")
+    parser.add_argument("--smoke", action="store_true", help="CPU dry run: tiny shape, interpret mode, no fla")
     args = parser.parse_args()
-    fla = load_fla(args.fla_wheel)
+    global SMOKE
+    SMOKE = args.smoke
+    fla = None if args.smoke else load_fla(args.fla_wheel)
+    shapes = [(1, 64, 2, 64)] if args.smoke else SHAPES[:1] if args.quick else SHAPES
     results = []
-    for b, s, h, d in SHAPES[:1] if args.quick else SHAPES:
-        for variant in VARIANTS:
+    for b, s, h, d in shapes:
+        for variant in args.variants:
+            kernel = {"gla": "vector", "delta_rule": None}.get(variant, "scalar")
+            tilings = SWEEP[kernel] if args.sweep and kernel else {}
+            impls = ["xla_chunked", "pallas"] + [f"pallas[{label}]" for label in tilings] + ["fla"]
             q, k, v, gate, dout = inputs(jax.random.key(0), b, s, h, d, variant)
             shape = f"B{b} S{s} H{h} D{d}"
             for mode in ("forward", "forward+backward"):
                 reference_out = None
-                for impl in ("xla_chunked", "pallas", "fla"):
+                for impl in impls:
                     row = dict(variant=variant, shape=shape, mode=mode, impl=impl)
                     try:
                         if impl == "fla":
@@ -215,7 +271,9 @@ def main():
                                 raise RuntimeError("fla unavailable")
                             seconds, peak, out = run_fla(fla, variant, mode, q, k, v, gate, dout)
                         else:
-                            seconds, peak, out = run_jax(impl.split("_")[0], variant, mode, q, k, v, gate, dout)
+                            kind, _, label = impl.partition("[")
+                            seconds, peak, out = run_jax(kind.split("_")[0], variant, mode, q, k, v, gate, dout,
+                                                         tilings.get(label.rstrip("]")))
                         if impl == "xla_chunked":
                             reference_out = out
                         row.update(seconds=seconds, tokens_per_s=b * s / seconds, peak_bytes=peak)
