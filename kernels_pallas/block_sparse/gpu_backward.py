@@ -19,13 +19,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels_pallas.block_sparse import tables
-from kernels_pallas.block_sparse.gpu_forward import fine_args, fine_specs
+from kernels_pallas.block_sparse.gpu_forward import fine_args, fine_specs, query_side
 from kernels_pallas.sliding_window.band import mask_value
 from kernels_pallas.sliding_window.gpu_forward import LOG2E, dot_precision
 
 
 def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, scale, causal_offset,
-               block_k, has_segments, fine, bits_block):
+               block_k, has_segments, fine, bits_block, window):
     seg_q_ref, seg_k_ref, fine_q_ref, fine_k_ref, (dq_ref,) = tables.split_mask_refs(rest, has_segments, fine)
     block_q, head_dim = q_ref.shape
     acc_dtype = jnp.float64 if q_ref.dtype == jnp.float64 else jnp.float32
@@ -35,7 +35,7 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest
     q, do = q_ref[...], do_ref[...]
     lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]
     seg_q = seg_q_ref[...][:, None] if has_segments else None
-    tag_q = fine_q_ref[...][:, None] if fine == "tags" else None
+    fine_rows = query_side(fine, fine_q_ref)
     has_mask = causal_offset is not None or has_segments or fine is not None
 
     def step(j, dq, masked):
@@ -47,7 +47,7 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest
             cols = kb * block_k + jnp.arange(block_k)[None, :]
             seg_k = seg_k_ref[k_slice][None, :] if has_segments else None
             ok = tables.visible(rows, cols, causal_offset, seg_q, seg_k, **fine_args(
-                fine, tag_q, fine_k_ref, fine_q_ref, k_slice, kb * block_k, bits_block))
+                fine, fine_rows, fine_k_ref, fine_q_ref, k_slice, kb * block_k, bits_block, window))
             s = jnp.where(ok, s, mask_value(c))
         p = jnp.exp2(s * c - lse)
         dp = plgpu.dot(do, v, trans_b=True, precision=precision).astype(acc_dtype)
@@ -63,7 +63,7 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest
 
 
 def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, scale, causal_offset,
-                block_q, has_segments, fine, bits_block):
+                block_q, has_segments, fine, bits_block, window):
     seg_q_ref, seg_k_ref, fine_q_ref, fine_k_ref, (dk_ref, dv_ref) = tables.split_mask_refs(
         rest, has_segments, fine)
     block_k, head_dim = k_ref.shape
@@ -76,6 +76,8 @@ def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *res
     seg_k = seg_k_ref[...][:, None] if has_segments else None
     has_mask = causal_offset is not None or has_segments or fine is not None
     word, bit = tables.bit_of(pl.program_id(0) * block_k, bits_block) if fine == "bits" else (None, None)
+    # window2d: this program's key positions (y', x') as columns [bk, 1].
+    key_pos = tuple(fine_k_ref[n, :][:, None] for n in range(2)) if fine == "window2d" else None
 
     # Tiles here are transposed, [keys, queries], so that dk and dv come out of plain products.
     def step(t, carry, g, masked):
@@ -92,6 +94,8 @@ def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *res
                 extra["tags"] = (fine_q_ref[g, q_slice][None, :], fine_k_ref[g, :][:, None])
             elif fine == "bits":
                 extra["bits"] = (fine_q_ref[g, word, q_slice][None, :], bit)
+            elif fine == "window2d":  # the queries' windows as rows [1, bq]
+                extra["window"] = (tuple(fine_q_ref[n, q_slice][None, :] for n in range(4)), key_pos, window)
             ok = tables.visible(queries, keys, causal_offset, seg_q, seg_k, **extra)
             st = jnp.where(ok, st, mask_value(c))
         pt = jnp.exp2(st * c - lse_ref[g, q_slice][None, :])
@@ -121,7 +125,7 @@ def backward(q, k, v, seg_q, seg_k, fine_q, fine_k, row_tables, col_tables, do, 
     has_segments = seg_q is not None
     params = plgpu.CompilerParams(num_warps=st.num_warps, num_stages=st.num_stages)
     common = dict(scale=st.scale, causal_offset=st.causal_offset, has_segments=has_segments, fine=st.fine,
-                  bits_block=st.bits_block)
+                  bits_block=st.bits_block, window=st.window)
 
     # dq: grid over (query block, batch, head).
     per_batch = row_tables.shape[0] > 1
@@ -165,6 +169,9 @@ def backward(q, k, v, seg_q, seg_k, fine_q, fine_k, row_tables, col_tables, do, 
     if st.fine == "tags":  # the group's query tags whole, its key tags over this key tile
         in_specs += [pl.BlockSpec((None, groups, sq), lambda j, bi, hk: (bi, hk, 0)),
                      pl.BlockSpec((None, groups, bk), lambda j, bi, hk: (bi, hk, j))]
+        args += [fine_q, fine_k]
+    elif st.fine == "window2d":  # every query's window, this key tile's positions
+        in_specs += [pl.BlockSpec((4, sq), lambda j, bi, hk: (0, 0)), pl.BlockSpec((2, bk), lambda j, bi, hk: (0, j))]
         args += [fine_q, fine_k]
     elif st.fine == "bits":  # every word of the group's queries
         in_specs.append(pl.BlockSpec((None, groups) + fine_q.shape[2:], lambda j, bi, hk: (bi, hk, 0, 0)))

@@ -52,8 +52,9 @@ class _Static:
     max_col: int
     num_warps: int
     num_stages: int
-    fine: str | None = None  # element mask besides causal / segments: None, "tags" or "bits"
+    fine: str | None = None  # element mask besides causal / segments: None, "tags", "bits" or "window2d"
     bits_block: int = 0  # keys per bit of the "bits" mask (the layout's key block)
+    window: tuple[int, int, int, int] | None = None  # (kh, kw, dh, dw) of the "window2d" mask
 
 
 def _kernels(backend):
@@ -108,10 +109,34 @@ def _segment_pair(segment_ids, batch, q_len, kv_len):
     return q_ids.astype(jnp.int32), kv_ids.astype(jnp.int32)
 
 
-def _fine_mask(tags, key_block_bits, batch, heads, q_len, kv_len, kv_blocks):
-    """``tags`` / ``key_block_bits`` -> (kind, fine_q, fine_k) in the kernels' layout (see gpu_forward)."""
-    if tags is not None and key_block_bits is not None:
-        raise ValueError("pass at most one of tags and key_block_bits")
+def _window2d(window2d, q_len, kv_len):
+    """``window2d`` -> (q_window [4, sq], k_pos [2, sk] int32, static (kh, kw, dh, dw))."""
+    if not isinstance(window2d, (tuple, list)) or len(window2d) != 3:
+        raise ValueError("window2d must be a triple (q_window [q_seq, 4], k_pos [kv_seq, 2], "
+                         "(kernel_h, kernel_w, dilation_h, dilation_w))")
+    arrays = []
+    for name, x, shape in (("q_window", window2d[0], (q_len, 4)), ("k_pos", window2d[1], (kv_len, 2))):
+        x = jnp.asarray(x)
+        if x.shape != shape or not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ValueError(f"window2d: {name} must be an integer array of shape {shape}, got {x.dtype} {x.shape}")
+        arrays.append(jnp.swapaxes(x.astype(jnp.int32), 0, 1))  # component-major: a tile's tokens contiguous
+    sizes = window2d[2]
+    if not isinstance(sizes, (tuple, list)) or len(sizes) != 4:
+        raise ValueError(f"window2d: the third entry must be (kernel_h, kernel_w, dilation_h, dilation_w), "
+                         f"got {sizes!r}")
+    sizes = tuple(c.positive_int(x, "window2d kernel and dilation sizes") for x in sizes)
+    return arrays[0], arrays[1], sizes
+
+
+def _fine_mask(tags, key_block_bits, window2d, batch, heads, q_len, kv_len, kv_blocks):
+    """``tags`` / ``key_block_bits`` / ``window2d`` -> (kind, fine_q, fine_k, window) in the kernels' layout
+    (see gpu_forward); window: the static (kh, kw, dh, dw) of window2d, else None."""
+    given = [name for name, x in (("tags", tags), ("key_block_bits", key_block_bits), ("window2d", window2d))
+             if x is not None]
+    if len(given) > 1:
+        raise ValueError(f"pass at most one of tags, key_block_bits and window2d, got {' and '.join(given)}")
+    if window2d is not None:
+        return ("window2d",) + _window2d(window2d, q_len, kv_len)
     if tags is not None:
         if not isinstance(tags, (tuple, list)) or len(tags) != 2:
             raise ValueError("tags must be a pair (q_tags [batch, heads, q_seq], k_tags [batch, heads, kv_seq])")
@@ -122,15 +147,15 @@ def _fine_mask(tags, key_block_bits, batch, heads, q_len, kv_len, kv_blocks):
                 raise ValueError(f"tags: {name} must be an integer array of shape [batch, heads, seq] = "
                                  f"{(batch, heads, length)}, got {x.dtype} {x.shape}")
             pair.append(x.astype(jnp.int32))
-        return "tags", pair[0], pair[1]
+        return "tags", pair[0], pair[1], None
     if key_block_bits is not None:
         bits = jnp.asarray(key_block_bits)
         words = -(-kv_blocks // 32)
         if bits.shape != (batch, heads, q_len, words) or bits.dtype != jnp.int32:
             raise ValueError(f"key_block_bits must be int32 of shape [batch, heads, q_seq, ceil(kv_blocks / 32)] "
                              f"= {(batch, heads, q_len, words)}, got {bits.dtype} {bits.shape}")
-        return "bits", jnp.swapaxes(bits, -1, -2), None  # [b, h, words, sq]: a tile's queries are contiguous
-    return None, None, None
+        return "bits", jnp.swapaxes(bits, -1, -2), None, None  # [b, h, words, sq]: a tile's queries contiguous
+    return None, None, None, None
 
 
 def _is_concrete(x) -> bool:
@@ -219,6 +244,7 @@ def block_sparse_attention(
     segment_ids=None,
     tags=None,
     key_block_bits=None,
+    window2d=None,
     max_blocks_per_row: int | None = None,
     tiles: Tiles | None = None,
     backend: str | None = None,
@@ -234,7 +260,11 @@ def block_sparse_attention(
     ``tags``: (q_tags [b, h, sq], k_tags [b, h, sk]) integers (per query head, also under GQA): query i sees
     key j iff q_tags[i] == k_tags[j] or i == j (routing attention: same cluster, or itself);
     ``key_block_bits``: int32 [b, h, sq, ceil(kv_blocks / 32)]: query i sees the keys of key block n iff bit
-    n % 32 of its word n // 32 is set (MoBA: the blocks the query selected).
+    n % 32 of its word n // 32 is set (MoBA: the blocks the query selected);
+    ``window2d``: (q_window int [q_seq, 4], k_pos int [kv_seq, 2], (kh, kw, dh, dw) static ints), shared by
+    batch and heads: query i with q_window[i] = (y % dh, start_y, x % dw, start_x) sees key j at
+    k_pos[j] = (y', x') iff on both axes y' % dh == y % dh and start_y <= y' // dh < start_y + kh
+    (2D neighbourhood attention, ``attn.neighborhood_2d``; positions non-negative).
     The layout must keep every block holding a visible pair. A query that sees no key gives zeros.
     ``max_blocks_per_row``: static bound on kept key blocks per query block; None takes the layout's own when
     it is concrete, else all key blocks. A concrete layout over the bound raises ValueError when traced; a
@@ -247,7 +277,7 @@ def block_sparse_attention(
     Pallas' interpreter (on the CPU; for the TPU kernel it may be a ``pltpu.InterpretParams``).
 
     Papers: "Flex Attention: A Programming Model for Generating Optimized Attention Kernels";
-    "Generating Long Sequences with Sparse Transformers".
+    "Generating Long Sequences with Sparse Transformers"; for window2d "Neighborhood Attention Transformer".
     """
     from attn.block_sparse import check_layout, resolve_block_size  # late: attn imports this lazily too
 
@@ -272,7 +302,8 @@ def block_sparse_attention(
         raise ValueError(f"scale must be positive or None, got {scale!r}")
     causal = c.check_causal(causal, (False, True), "block_sparse")
     seg_q, seg_k = _segment_pair(segment_ids, batch, q_len, kv_len)
-    fine, fine_q, fine_k = _fine_mask(tags, key_block_bits, batch, heads, q_len, kv_len, kv_len // kv_block)
+    fine, fine_q, fine_k, window = _fine_mask(tags, key_block_bits, window2d, batch, heads, q_len, kv_len,
+                                              kv_len // kv_block)
     backend = resolve_backend(backend, interpret)
     if backend == "mosaic_tpu" and interpret is True:
         from jax.experimental.pallas import tpu as pltpu
@@ -311,8 +342,8 @@ def block_sparse_attention(
         pad = ((0, 0), (0, 0), (0, 0), (0, dim_pad - head_dim))
         q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
     st_fwd = _Static(scale, causal_offset, tq, tk, backend, interpret, max_row_fwd, 0, tiles.num_warps,
-                     tiles.num_stages, fine, kv_block)
+                     tiles.num_stages, fine, kv_block, window)
     st_bwd = _Static(scale, causal_offset, tq_bwd, tk_bwd, backend, interpret, max_row_bwd, max_col_bwd,
-                     tiles.num_warps_bwd, tiles.num_stages_bwd, fine, kv_block)
+                     tiles.num_warps_bwd, tiles.num_stages_bwd, fine, kv_block, window)
     out = _attention(q, k, v, seg_q, seg_k, fine_q, fine_k, row_fwd, row_bwd, col_bwd, st_fwd, st_bwd)
     return out[..., :head_dim]

@@ -55,13 +55,15 @@ def compress(layout, unmasked, max_blocks: int, prefix_unmasked: bool):
     return jnp.concatenate([count[..., None], lo[..., None], hi[..., None], blocks, pad], axis=-1)
 
 
-def visible(rows, cols, causal_offset, seg_rows=None, seg_cols=None, *, tags=None, bits=None):
+def visible(rows, cols, causal_offset, seg_rows=None, seg_cols=None, *, tags=None, bits=None, window=None):
     """Boolean tile: query ``rows`` [m, 1] may see key ``cols`` [1, n] (either may be the transposed pair).
 
     ``causal_offset`` None means no causal rule. ``tags``: (query tags, key tags) shaped like rows and cols:
     visible iff the tags are equal or the positions are (routing: same cluster, or the query itself).
     ``bits``: (query words, bit): the word of each query (shaped like rows) holding the tile's key block, and
-    that block's bit in it (MoBA: the key block is one the query selected). Every rule present must hold.
+    that block's bit in it (MoBA: the key block is one the query selected). ``window``: ((y % dh, start_y,
+    x % dw, start_x) of each query, (y', x') of each key, (kh, kw, dh, dw)): see ``in_window_2d``.
+    Every rule present must hold.
     """
     rules = []
     if causal_offset is not None:
@@ -73,21 +75,51 @@ def visible(rows, cols, causal_offset, seg_rows=None, seg_cols=None, *, tags=Non
     if bits is not None:
         words, bit = bits
         rules.append((jnp.right_shift(words, bit) & 1) == 1)  # arithmetic shift: bit 31 still ends in 1
+    if window is not None:
+        rules.append(in_window_2d(*window))
     ok = None
     for rule in rules:
         ok = rule if ok is None else ok & rule
     return ok
 
 
+def in_window_2d(query, key, window):
+    """2D neighbourhood rule ("Neighborhood Attention Transformer"; "Dilated Neighborhood Attention
+    Transformer"): key (y', x') is in the window of a query with (ry, sy, rx, sx) = (y % dh, start_y, x % dw,
+    start_x) iff, on both axes, y' % dh == ry and sy <= y' // dh < sy + kh (``attn.neighborhood_2d``).
+
+    ``query``: the 4 values, each shaped like the tile's rows (or columns); ``key``: (y', x') shaped like the
+    other axis; ``window``: static (kh, kw, dh, dw). Positions are non-negative.
+    """
+    ry, sy, rx, sx = query
+    yk, xk = key
+    kh, kw, dh, dw = window
+    ok = None
+    for r, start, pos, kernel, dilation in ((ry, sy, yk, kh, dh), (rx, sx, xk, kw, dw)):
+        # lax.div / lax.rem: truncating integer ops (non-negative here); dilation 1 needs neither.
+        lattice = pos if dilation == 1 else lax.div(pos, jnp.int32(dilation))
+        axis_ok = (lattice >= start) & (lattice < start + kernel)
+        if dilation > 1:
+            axis_ok = axis_ok & (lax.rem(pos, jnp.int32(dilation)) == r)
+        ok = axis_ok if ok is None else ok & axis_ok
+    return ok
+
+
+def two_sided(fine) -> bool:
+    """Whether the fine mask has a key-side array too (tags, window2d) or only a query side (bits)."""
+    return fine in ("tags", "window2d")
+
+
 def split_mask_refs(refs, has_segments, fine):
     """A kernel's trailing refs -> (seg_q, seg_k, fine_q, fine_k, remaining refs), None where absent.
 
-    The order is segment ids (q, k), then the fine mask: tags (q, k) or bit words (q only).
+    The order is segment ids (q, k), then the fine mask: tags (q, k), window2d (q windows, k positions) or
+    bit words (q only).
     """
     refs = list(refs)
     take = lambda present: refs.pop(0) if present else None
     seg_q, seg_k = take(has_segments), take(has_segments)
-    fine_q, fine_k = take(fine is not None), take(fine == "tags")
+    fine_q, fine_k = take(fine is not None), take(two_sided(fine))
     return seg_q, seg_k, fine_q, fine_k, refs
 
 

@@ -24,7 +24,7 @@ _SEMANTICS = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "
 
 
 def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, scale, causal_offset,
-               block_k, n_steps, row_of, width, has_segments, fine, bits_block):
+               block_k, n_steps, row_of, width, has_segments, fine, bits_block, window):
     seg_q_ref, seg_k_ref, fine_q_ref, fine_k_ref, (dq_ref, acc_ref) = tables.split_mask_refs(
         rest, has_segments, fine)
     block_q = q_ref.shape[0]
@@ -47,7 +47,7 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest
             seg_q = seg_q_ref[...] if has_segments else None
             seg_k = seg_k_ref[...] if has_segments else None
             ok = tables.visible(rows, cols, causal_offset, seg_q, seg_k,
-                                **fine_args(fine, fine_q_ref, fine_k_ref, kb * block_k, bits_block))
+                                **fine_args(fine, fine_q_ref, fine_k_ref, kb * block_k, bits_block, window))
             s = jnp.where(ok, s, mask_value(c))
         p = jnp.exp2(s * c - lse_ref[...])
         ds = p * (dot(do_ref[...], v_ref[...], trans_b=True) - delta_ref[...])
@@ -64,11 +64,12 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest
 
 
 def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, scale, causal_offset,
-                block_q, n_steps, groups, col_of, width, has_segments, fine, bits_block):
-    # Segment ids and tags come key side first here ([keys, queries] tiles); the words are the queries'.
+                block_q, n_steps, groups, col_of, width, has_segments, fine, bits_block, window):
+    # Segment ids, tags and window2d come key side first here ([keys, queries] tiles); the words are the
+    # queries'.
     seg_k_ref, seg_q_ref, fine_a_ref, fine_b_ref, (dk_ref, dv_ref, dk_acc, dv_acc) = tables.split_mask_refs(
         rest, has_segments, fine)
-    fine_q_ref, fine_k_ref = (fine_b_ref, fine_a_ref) if fine == "tags" else (fine_a_ref, None)
+    fine_q_ref, fine_k_ref = (fine_b_ref, fine_a_ref) if tables.two_sided(fine) else (fine_a_ref, None)
     block_k = k_ref.shape[0]
     bi, hk, kt, t = (pl.program_id(a) for a in range(4))
     col = col_of(bi, hk * groups + t // n_steps, kt)
@@ -92,7 +93,8 @@ def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *res
             seg_k = seg_k_ref[...] if has_segments else None
             seg_q = seg_q_ref[...] if has_segments else None
             ok = tables.visible(queries, keys, causal_offset, seg_q, seg_k,
-                                **fine_args(fine, fine_q_ref, fine_k_ref, kt * block_k, bits_block))
+                                **fine_args(fine, fine_q_ref, fine_k_ref, kt * block_k, bits_block, window,
+                                            keys_first=True))
             st = jnp.where(ok, st, mask_value(c))
         pt = jnp.exp2(st * c - lse_ref[...])
         dv_acc[...] += dot(pt.astype(do.dtype), do).astype(dv_acc.dtype)
@@ -120,7 +122,7 @@ def backward(q, k, v, seg_q, seg_k, fine_q, fine_k, row_tables, col_tables, do, 
     has_segments = seg_q is not None
     acc_dtype = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
     common = dict(scale=st.scale, causal_offset=st.causal_offset, has_segments=has_segments, fine=st.fine,
-                  bits_block=st.bits_block)
+                  bits_block=st.bits_block, window=st.window)
 
     # dq: grid (batch, head, query block, row-table entry); lse and delta as columns [bq, 1].
     width = row_tables.shape[-1]
@@ -173,6 +175,10 @@ def backward(q, k, v, seg_q, seg_k, fine_q, fine_k, row_tables, col_tables, do, 
                      pl.BlockSpec((None, None, 1, bq),
                                   lambda bi, hk, kt, t, table: (bi, head(hk, t), 0, q_block(bi, hk, kt, t, table)))]
         args += [fine_k[..., None], fine_q[:, :, None, :]]
+    elif st.fine == "window2d":  # key positions as columns [bk, 2], the step's query windows as rows [4, bq]
+        in_specs += [pl.BlockSpec((bk, 2), lambda bi, hk, kt, t, table: (kt, 0)),
+                     pl.BlockSpec((4, bq), lambda bi, hk, kt, t, table: (0, q_block(bi, hk, kt, t, table)))]
+        args += [fine_k.T, fine_q]
     elif st.fine == "bits":  # the word holding this key tile's block, for the step's queries, as a row
         word = lambda kt: tables.bit_of(kt * bk, st.bits_block)[0]
         in_specs.append(pl.BlockSpec(

@@ -29,11 +29,16 @@ def table_entry(table_ref, row, position, *, width):
 
 def fine_specs(fine_q, fine_k, st, bq, bk, kv_block):
     """The fine mask's arrays and BlockSpecs for a (batch, head, query tile, step) grid whose key tile is
-    ``kv_block(*grid indices, table)``: query tags or words as a column [bq, 1], key tags as a row [1, bk]."""
+    ``kv_block(*grid indices, table)``: query tags or words as a column [bq, 1], key tags as a row [1, bk];
+    window2d: the query windows as columns [bq, 4] (from [4, sq]), the key positions as rows [2, bk]."""
     if st.fine == "tags":
         return [fine_q[..., None], fine_k[:, :, None, :]], [
             pl.BlockSpec((None, None, bq, 1), lambda bi, hi, i, j, table: (bi, hi, i, 0)),
             pl.BlockSpec((None, None, 1, bk), lambda bi, hi, i, j, table: (bi, hi, 0, kv_block(bi, hi, i, j, table)))]
+    if st.fine == "window2d":
+        return [fine_q.T, fine_k], [
+            pl.BlockSpec((bq, 4), lambda bi, hi, i, j, table: (i, 0)),
+            pl.BlockSpec((2, bk), lambda bi, hi, i, j, table: (0, kv_block(bi, hi, i, j, table)))]
     if st.fine == "bits":  # only the word holding the key tile's block
         word = lambda bi, hi, i, j, table: tables.bit_of(kv_block(bi, hi, i, j, table) * bk, st.bits_block)[0]
         return [fine_q[..., None]], [pl.BlockSpec(
@@ -41,17 +46,28 @@ def fine_specs(fine_q, fine_k, st, bq, bk, kv_block):
     return [], []
 
 
-def fine_args(fine, fine_q_ref, fine_k_ref, first_key, bits_block):
-    """``tables.visible``'s tags / bits from the fine-mask tiles (either orientation)."""
+def fine_args(fine, fine_q_ref, fine_k_ref, first_key, bits_block, window, keys_first=False):
+    """``tables.visible``'s tags / bits / window from the fine-mask tiles (either orientation).
+
+    window2d: [queries, keys] tiles (``keys_first`` False) get the query windows [bq, 4] and the key
+    positions [2, bk]; [keys, queries] tiles get them transposed, [4, bq] and [bk, 2]. Each value is sliced
+    to a column or a row along the tile's own axis.
+    """
     if fine == "tags":
         return {"tags": (fine_q_ref[...], fine_k_ref[...])}
     if fine == "bits":
         return {"bits": (fine_q_ref[...], tables.bit_of(first_key, bits_block)[1])}
+    if fine == "window2d":
+        rows = lambda ref, n: tuple(ref[i:i + 1, :] for i in range(n))
+        cols = lambda ref, n: tuple(ref[:, i:i + 1] for i in range(n))
+        if keys_first:
+            return {"window": (rows(fine_q_ref, 4), cols(fine_k_ref, 2), window)}
+        return {"window": (cols(fine_q_ref, 4), rows(fine_k_ref, 2), window)}
     return {}
 
 
 def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *rest, scale, causal_offset, block_k, n_steps, row_of,
-                    width, has_segments, fine, bits_block):
+                    width, has_segments, fine, bits_block, window):
     seg_q_ref, seg_k_ref, fine_q_ref, fine_k_ref, (o_ref, lse_ref, acc_ref, m_ref, l_ref) = (
         tables.split_mask_refs(rest, has_segments, fine))
     block_q = q_ref.shape[0]
@@ -75,7 +91,7 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *rest, scale, causal_offset,
             seg_q = seg_q_ref[...] if has_segments else None
             seg_k = seg_k_ref[...] if has_segments else None
             ok = tables.visible(rows, cols, causal_offset, seg_q, seg_k,
-                                **fine_args(fine, fine_q_ref, fine_k_ref, kb * block_k, bits_block))
+                                **fine_args(fine, fine_q_ref, fine_k_ref, kb * block_k, bits_block, window))
             s = jnp.where(ok, s, mask_value(c))
         m_prev = m_ref[...]
         m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True) * c)
@@ -136,6 +152,7 @@ def forward(q, k, v, seg_q, seg_k, fine_q, fine_k, row_tables, *, st):
     kernel = functools.partial(
         _forward_kernel, scale=st.scale, causal_offset=st.causal_offset, block_k=bk, n_steps=n_steps,
         row_of=row_of, width=width, has_segments=has_segments, fine=st.fine, bits_block=st.bits_block,
+        window=st.window,
     )
     out, lse = pl.pallas_call(
         kernel,
