@@ -1,9 +1,14 @@
-"""GPU checks and timings of the Mosaic GPU sliding-window forward (``backend="mosaic_gpu"``), H100.
+"""GPU checks and timings of the Mosaic GPU sliding-window forward (``backend="mosaic_gpu"``) and of its
+opt-in Mosaic GPU dk/dv backward (``mosaic_backward=``), H100/H200.
 
 Run on the GPU machine from the repository root:
     PYTHONPATH=. python benchmarks/check_sliding_window_mgpu.py
 Prints, and writes to $OUT/check_sliding_window_mgpu.txt and .json (OUT defaults to /tmp), in this order
 (the most needed first, since MGPU_BUDGET_S, default 70 s, stops whatever is left):
+  0. the Mosaic GPU backward (Mosaic dq and dk/dv passes, or Triton dq + Mosaic dk/dv, behind the default
+     Mosaic forward; mosaic_gpu_backward.MosaicBackwardBlocks variants): gradient checks of
+     each backward variant, then forward+backward timings at the three cases beside cuDNN, the Triton kernel
+     and the Mosaic forward with the Triton backward; then the gradient checks of the other cases;
   1. forward checks of every tiling variant against the float32 dense reference (odd length, GQA, causal);
   2. the saved log-sum-exp against the Triton forward's on the same padded inputs (the backward reads it);
   3. forward timings at B4 S8192 H16 D128 bf16 causal W512: cuDNN, the Triton kernel, each variant;
@@ -28,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels_pallas.sliding_window import band, sliding_window_attention, sliding_window_reference
+from kernels_pallas.sliding_window.mosaic_gpu_backward import MosaicBackwardBlocks
 from kernels_pallas.sliding_window.mosaic_gpu_forward import MosaicBlocks
 
 START = time.perf_counter()
@@ -45,6 +51,28 @@ VARIANTS = {
     "2wg-k64-3slots": MosaicBlocks(block_q=64, block_k=64, compute_wgs=2, num_slots=3),
     "2wg-k128-pingpong": MosaicBlocks(block_q=64, block_k=128, compute_wgs=2, num_slots=2, pingpong=True),
 }
+# The Mosaic GPU dk/dv pass (mosaic_gpu_backward.MosaicBackwardBlocks). A variant name "FWD+BWD" means the
+# forward variant FWD with the backward variant BWD; a plain forward variant name keeps the Triton backward.
+# "triton-dq": the Triton dq pass with the Mosaic dk/dv pass (isolates the two Mosaic kernels).
+BWD_VARIANTS = {
+    "bwd-2wg": MosaicBackwardBlocks(block_q=64, block_k=64, compute_wgs=2, num_slots=2),
+    "bwd-2wg-triton-dq": MosaicBackwardBlocks(block_q=64, block_k=64, compute_wgs=2, num_slots=2,
+                                              mosaic_dq=False),
+    "bwd-1wg": MosaicBackwardBlocks(block_q=64, block_k=64, compute_wgs=1, num_slots=2),
+    "bwd-2wg-3slots": MosaicBackwardBlocks(block_q=64, block_k=64, compute_wgs=2, num_slots=3),
+}
+FWD_FOR_BWD = "2wg-k128-pingpong"  # the default forward (mosaic_gpu_forward.DEFAULT_BLOCKS)
+
+
+def mosaic_kwargs(variant):
+    """sliding_window_attention's keywords for a variant name "FWD" or "FWD+BWD"."""
+    fwd, _, bwd = variant.partition("+")
+    return dict(backend="mosaic_gpu", mosaic_blocks=VARIANTS[fwd], mosaic_backward=BWD_VARIANTS[bwd] if bwd
+                else False)
+
+
+def is_mosaic(name):
+    return name.partition("+")[0] in VARIANTS
 
 
 def log(*parts):
@@ -127,8 +155,7 @@ def check(name, variant, grads):
         (q, k, v, dout), (ref_out, ref_grads) = _reference(name)
         _, _, _, _, _, window, causal, _ = CHECKS[name]
         ours = lambda q, k, v: sliding_window_attention(q, k, v, window=window, causal=causal,
-                                                        backend="mosaic_gpu", mosaic_blocks=VARIANTS[variant],
-                                                        interpret=SMOKE)
+                                                        interpret=SMOKE, **mosaic_kwargs(variant))
         t0 = time.perf_counter()
         if grads:
             out, g = fwd_bwd(ours)(q, k, v, dout)
@@ -217,12 +244,15 @@ def impl(name, w):
     if name == "triton":
         return lambda q, k, v: sliding_window_attention(q, k, v, window=window, causal=True, backend="triton",
                                                         interpret=SMOKE)
-    return lambda q, k, v: sliding_window_attention(q, k, v, window=window, causal=True, backend="mosaic_gpu",
-                                                    mosaic_blocks=VARIANTS[name], interpret=SMOKE)
+    return lambda q, k, v: sliding_window_attention(q, k, v, window=window, causal=True, interpret=SMOKE,
+                                                    **mosaic_kwargs(name))
 
 
 def time_one(case, name, mode):
     what = f"{case:>16} {name:>15} {mode:>7}"
+    done = [r for r in REPORT["timings"] if (r["case"], r["impl"], r["mode"]) == (case, name, mode) and "ms" in r]
+    if done:  # timed already (section 0 times what section 6 would again)
+        return done[0]["ms"]
     if out_of_time(what):
         return None
     c = CASES[case]
@@ -259,8 +289,9 @@ def best_variant(case):
 
 def table():
     log("")
-    log("| case | mode | cuDNN ms | Triton ms (vs cuDNN) | best Mosaic ms (vs cuDNN) | Mosaic variants ms |")
-    log("|---|---|---|---|---|---|")
+    log("| case | mode | cuDNN ms | Triton ms (vs cuDNN) | best Mosaic fwd + Triton bwd ms (vs cuDNN) | "
+        "Mosaic variants ms | best Mosaic fwd + Mosaic bwd ms (vs cuDNN) | Mosaic bwd variants ms |")
+    log("|---|---|---|---|---|---|---|---|")
     for case in CASES:
         for mode in ("fwd", "fwd+bwd"):
             rows = {r["impl"]: r for r in REPORT["timings"] if r["case"] == case and r["mode"] == mode and "ms" in r}
@@ -272,17 +303,29 @@ def table():
             cell = lambda r: "n/a" if r is None else (
                 f"{r['ms']:.3f}" + (f" ({cu['ms'] / r['ms']:.2f}x)" if cu and r is not cu else ""))
             variants = ", ".join(f"{n} {r['ms']:.3f}" for n, r in mosaic.items())
+            mosaic_bwd = {n: r for n, r in rows.items() if "+" in n and is_mosaic(n)}
+            best_bwd = min(mosaic_bwd.values(), key=lambda r: r["ms"], default=None)
+            variants_bwd = ", ".join(f"{n} {r['ms']:.3f}" for n, r in mosaic_bwd.items())
             log(f"| {case} | {mode} | {cell(cu)} | {cell(tr)} | "
-                f"{cell(best)}{' ' + best['impl'] if best else ''} | {variants} |")
+                f"{cell(best)}{' ' + best['impl'] if best else ''} | {variants} | "
+                f"{cell(best_bwd)}{' ' + best_bwd['impl'] if best_bwd else ''} | {variants_bwd} |")
 
 
 def main():
     dev = jax.devices()[0]
     REPORT["meta"] = dict(device=str(dev.device_kind), jax=jax.__version__,
                           date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                          variants={n: str(b) for n, b in VARIANTS.items()}, budget_s=BUDGET_S)
+                          variants={n: str(b) for n, b in VARIANTS.items()},
+                          bwd_variants={n: str(b) for n, b in BWD_VARIANTS.items()}, budget_s=BUDGET_S)
     log("meta", json.dumps(REPORT["meta"]))
     first_check = next(iter(CHECKS))
+    for bwd in BWD_VARIANTS:  # 0. the Mosaic GPU backward: checks, timings, the other checks
+        check(first_check, f"{FWD_FOR_BWD}+{bwd}", grads=True)
+    for case in CASES:
+        for name in ("cudnn", "triton", FWD_FOR_BWD, *(f"{FWD_FOR_BWD}+{bwd}" for bwd in BWD_VARIANTS)):
+            time_one(case, name, "fwd+bwd")
+    for name in list(CHECKS)[1:]:
+        check(name, f"{FWD_FOR_BWD}+bwd-2wg", grads=True)
     for variant in VARIANTS:  # 1. does each variant lower, compile and agree, forward only
         check(first_check, variant, grads=False)
     check_lse_matches_triton("1wg-k128")  # 2.

@@ -30,6 +30,7 @@ class _Static:
     backend: str
     interpret: Any
     mosaic_blocks: Any = None  # mosaic_gpu_forward.MosaicBlocks, for backend "mosaic_gpu"
+    mosaic_backward: Any = None  # mosaic_gpu_backward.MosaicBackwardBlocks: Mosaic GPU backward (opt-in)
 
 
 def _kernels(backend):
@@ -81,6 +82,13 @@ def _backward(st, residuals, dout):
     _, backward = _kernels(st.backend)
     # delta_i = sum_j p_ij dp_ij = out_i . dout_i: one elementwise pass, [b, s, h] -> [b, h, s].
     delta = jnp.einsum("bshd,bshd->bhs", out.astype(lse.dtype), dout.astype(lse.dtype))
+    if st.mosaic_backward is not None:  # Mosaic GPU dk/dv pass; dq from Mosaic GPU or Triton
+        from kernels_pallas.sliding_window import mosaic_gpu_backward
+
+        dq, dk, dv = mosaic_gpu_backward.backward(
+            q, k, v, dout, lse, delta, left=st.left, right=st.right, scale=st.scale, seq_len=st.seq_len,
+            blocks=st.blocks, mosaic_blocks=st.mosaic_backward, interpret=st.interpret)
+        return dq, dk, dv, None
     dq, dk, dv = backward(q, k, v, segment_ids, dout, lse, delta, **_kernel_kwargs(st))
     return dq, dk, dv, None
 
@@ -137,6 +145,23 @@ def _mosaic_gpu_blocks(mosaic_blocks, dtype, head_dim, softcap, segment_ids, mos
     return mosaic_blocks
 
 
+def _mosaic_backward_blocks(mosaic_backward, mosaic_gpu):
+    """The Mosaic GPU backward's tiles, or None for the Triton backward (the default)."""
+    if mosaic_backward is False or mosaic_backward is None:
+        return None
+    if not mosaic_gpu:
+        raise ValueError("mosaic_backward needs backend='mosaic_gpu' (or None picking it on a Hopper GPU)")
+    from kernels_pallas.sliding_window import mosaic_gpu_backward
+
+    if mosaic_backward is True:
+        return mosaic_gpu_backward.DEFAULT_BACKWARD_BLOCKS
+    if not isinstance(mosaic_backward, mosaic_gpu_backward.MosaicBackwardBlocks):
+        raise ValueError(f"mosaic_backward must be a bool or a MosaicBackwardBlocks, "
+                         f"got {type(mosaic_backward).__name__}")
+    mosaic_backward.validate()
+    return mosaic_backward
+
+
 def sliding_window_attention(
     q,
     k,
@@ -151,6 +176,7 @@ def sliding_window_attention(
     backend: str | None = None,
     interpret=False,
     mosaic_blocks=None,
+    mosaic_backward=False,
 ):
     """Softmax attention in which query i sees key j iff ``i - left <= j <= i + right`` (and, with
     ``segment_ids``, both lie in the same segment); ``causal=True`` sets ``right = 0``.
@@ -160,6 +186,8 @@ def sliding_window_attention(
     forward, bf16/fp16, head_dim <= 128, no segment ids or soft-cap, Triton backward; tiles from
     ``mosaic_blocks``, a ``mosaic_gpu_forward.MosaicBlocks``) or None (from the default device: "mosaic_gpu"
     on a Hopper GPU where it applies, else "triton" on a GPU, "mosaic_tpu" on a TPU).
+    ``mosaic_backward``: with the Mosaic GPU forward, True or a ``mosaic_gpu_backward.MosaicBackwardBlocks``
+    takes the Mosaic GPU backward (opt-in: dk/dv and dq passes); False: the Triton backward.
     ``interpret=True`` runs the kernel in Pallas' interpreter (on the CPU); for the TPU kernel it may also
     be a ``pltpu.InterpretParams``. Differentiable in q, k, v.
 
@@ -199,10 +227,13 @@ def sliding_window_attention(
     blocks = blocks.shrunk_to(seq_len, min_block)
 
     mosaic_gpu_blocks = _mosaic_gpu_blocks(mosaic_blocks, q.dtype, head_dim, softcap, segment_ids, mosaic_gpu)
+    mosaic_bwd_blocks = _mosaic_backward_blocks(mosaic_backward, mosaic_gpu)
 
     # Pad the sequence to a whole number of the largest tile, and (Triton) head_dim to a power of two >= 16.
     tile = blocks.max_block() if mosaic_gpu_blocks is None else math.lcm(
         blocks.max_block(), mosaic_gpu_blocks.rows_per_program, mosaic_gpu_blocks.block_k)
+    if mosaic_bwd_blocks is not None:
+        tile = math.lcm(tile, mosaic_bwd_blocks.rows_per_program, mosaic_bwd_blocks.keys_per_program)
     seq_pad = -(-seq_len // tile) * tile
     dim_pad = max(16, 1 << (head_dim - 1).bit_length()) if backend == "triton" else head_dim
     if mosaic_gpu_blocks is not None:
@@ -213,6 +244,6 @@ def sliding_window_attention(
         segment_ids = jnp.pad(segment_ids, ((0, 0), (0, seq_pad - seq_len)), constant_values=-1)
 
     st = _Static(left, right, scale, None if softcap is None else float(softcap), seq_len, blocks,
-                 "mosaic_gpu" if mosaic_gpu else backend, interpret, mosaic_gpu_blocks)
+                 "mosaic_gpu" if mosaic_gpu else backend, interpret, mosaic_gpu_blocks, mosaic_bwd_blocks)
     out = _attention(qp, kp, vp, segment_ids, st)
     return out[:, :seq_len, :, :head_dim]
