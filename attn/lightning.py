@@ -60,8 +60,8 @@ def lightning(
     gate belong to the model). ``scale`` (default 1: the paper does not scale; the norm removes it up to
     ``eps``) multiplies q. "chunked" is Lightning Attention-2's intra-block quadratic / inter-block recurrent
     split; "pallas" runs that split as the scalar-gate Pallas kernel (``kernels_pallas.linear_recurrent``,
-    interpreted on the CPU; no ``segment_ids``). The state (``return_state``) is the unnormalised one, ``S_t = lambda S_{t-1} + k_t^T v_t``;
-    ``initial_state``/``segment_ids`` as in ``gla``.
+    interpreted on the CPU; no ``segment_ids``). The state (``return_state``) is the unnormalised one,
+    ``S_t = lambda S_{t-1} + k_t^T v_t``; ``initial_state``/``segment_ids`` as in ``gla``.
 
     Paper: "Various Lengths, Constant Speed: Efficient Language Modeling with Lightning Attention" (and
     "Lightning Attention-2", "The Devil in Linear Transformer", "Scaling TransNormer to 175 Billion Parameters").

@@ -6,8 +6,9 @@ already there):
 Variants: "simple_gla" (data-dependent scalar log gate per head and step; fla's chunk_simple_gla), "linear"
 (no gate; fla's chunk_linear_attn) and "gla" (data-dependent log gate per head, step and key dimension, the
 vector-gate kernel; fla's chunk_gla), "delta_rule" (DeltaNet: L2-normalised q and k, beta per head and step,
-the delta-rule kernel; fla's chunk_delta_rule; the "gate" slot below carries beta). Shapes B4 S8192 H16 D128 and B1 S32768 H16 D128, bfloat16, forward and
-forward+backward (gradients of q, k, v and the gate or beta, for fla too). Tokens/s = B * S / median seconds per call.
+the delta-rule kernel; fla's chunk_delta_rule; the "gate" slot below carries beta). Shapes B4 S8192 H16 D128
+and B1 S32768 H16 D128, bfloat16, forward and forward+backward (gradients of q, k, v and the gate or beta, for fla
+too). Tokens/s = B * S / median seconds per call.
 
 Peak memory: for fla, torch.cuda.max_memory_allocated over the timed calls (after a reset); for the JAX paths, the
 compiled executable's arguments + outputs + temporaries (XLA's memory analysis), since JAX has no per-call peak

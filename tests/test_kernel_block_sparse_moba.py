@@ -37,7 +37,7 @@ CASES = {
     "gpu-gqa-causal": ("triton", 0, 2, 32, 4, 2, 16, 4, 2, True, False, None),
     "gpu-full-segments-small-tiles": ("triton", 1, 1, 32, 2, 2, 16, 8, 2, False, True, Tiles(4, 8, 8, 2)),
     "gpu-causal-top1-own-block-only": ("triton", 2, 1, 24, 2, 1, 8, 4, 1, True, False, None),
-    "tpu-gqa-full-topk-over-blocks": ("mosaic_tpu", 3, 1, 24, 4, 2, 16, 8, 5, False, False, None),
+    # One TPU case (CI time): the mask rule itself is shared by both builds (tables.py).
     "tpu-mqa-causal-segments": ("mosaic_tpu", 4, 1, 32, 2, 1, 16, 4, 2, True, True, None),
 }
 

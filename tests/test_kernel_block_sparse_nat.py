@@ -42,8 +42,8 @@ CASES = {
     "gpu-6x10-k3-d2-gqa": ("triton", 0, (6, 10), 3, 2, 4, 2, None),
     # 48 pixels: blocks of 16 span rows of 6; kernel 5 x 3, dilation (1, 2).
     "gpu-8x6-k5x3-d1x2-mqa": ("triton", 1, (8, 6), (5, 3), (1, 2), 2, 1, None),
+    # One TPU case (CI time): the mask rule itself is shared by both builds (tables.py).
     "tpu-6x8-k5-d1-gqa": ("mosaic_tpu", 2, (6, 8), 5, 1, 4, 2, 16),
-    "tpu-10x8-k3-d2x1": ("mosaic_tpu", 3, (10, 8), 3, (2, 1), 2, 2, 16),
 }
 
 

@@ -50,8 +50,6 @@ def _check_against_reference(backend, case, config, tol=1e-4):
 GPU_CASES = {
     # Gated; dk 8 / dv 12 are padded to 16; three chunks, the last one partial.
     "gated-odd-length-initial-state": ((1, 37, 2, 8, 12, True, _mild_gate), DeltaConfig(chunk_size=16)),
-    # The plain delta rule; two dv blocks (partial d w, d k_out, d gates summed), the last chunk partial.
-    "plain-no-state-two-dv-blocks": ((1, 45, 1, 16, 32, False, None), DeltaConfig(chunk_size=16, block_v=16)),
 }
 
 
@@ -60,8 +58,9 @@ def test_gpu_kernel_matches_recurrent_reference(shape, config):
     _check_against_reference("triton", _case(0, *shape), config)
 
 
+# One case per build (CI time): the other build's case covers the other features.
 TPU_CASES = {
-    "gated-odd-length-initial-state": ((1, 29, 2, 8, 12, True, _mild_gate), DeltaConfig(chunk_size=8)),
+    # The plain delta rule; two dv blocks (partial d w, d k_out, d gates summed), the last chunk partial.
     "plain-no-state-two-dv-blocks": ((1, 19, 1, 16, 32, False, None), DeltaConfig(chunk_size=8, block_v=16)),
 }
 

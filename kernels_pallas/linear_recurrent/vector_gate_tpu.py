@@ -1,9 +1,10 @@
 """The vector-gate (GLA) kernels on TPU (Pallas, Mosaic TPU backend).
 
 The chunk-parallel passes are the GPU build's kernel bodies and block specs with TPU compiler parameters (one
-[chunk, dim] tile per grid step is what both backends load), on heads-first copies of the inputs. The two sequential passes put the chunk walk in the
-grid instead of a loop: the last ("arbitrary") axis counts chunks (reversed by the index maps for the state
-gradient) and the float32 state block lives in VMEM scratch across its steps.
+[chunk, dim] tile per grid step is what both backends load), on heads-first copies of the inputs. The two
+sequential passes put the chunk walk in the grid instead of a loop: the last ("arbitrary") axis counts chunks
+(reversed by the index maps for the state gradient) and the float32 state block lives in VMEM scratch across
+its steps.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ from jax.experimental.pallas import triton as pl_triton
 
 from kernels_pallas.sliding_window import band, gpu_backward
 from kernels_pallas.sliding_window.mosaic_gpu_forward import (LOG2E, MEMORY_WG_REGISTERS, _add_product,
-                                                              program_tiles, warpgroup_tiles)
+                                                              check_pipeline, program_tiles, warpgroup_tiles)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,14 +67,7 @@ class MosaicBackwardBlocks:
     mosaic_dq: bool = True
 
     def validate(self) -> None:
-        for name in ("block_q", "block_k"):
-            size = getattr(self, name)
-            if isinstance(size, bool) or not isinstance(size, int) or size < 64 or size % 64:
-                raise ValueError(f"MosaicBackwardBlocks.{name} must be a positive multiple of 64, got {size!r}")
-        if self.compute_wgs not in (1, 2):
-            raise ValueError(f"MosaicBackwardBlocks.compute_wgs must be 1 or 2, got {self.compute_wgs!r}")
-        if isinstance(self.num_slots, bool) or not isinstance(self.num_slots, int) or self.num_slots < 2:
-            raise ValueError(f"MosaicBackwardBlocks.num_slots must be an integer >= 2, got {self.num_slots!r}")
+        check_pipeline(self)
         if not isinstance(self.mosaic_dq, bool):
             raise ValueError(f"MosaicBackwardBlocks.mosaic_dq must be a bool, got {self.mosaic_dq!r}")
 

@@ -55,14 +55,7 @@ class MosaicBlocks:
     pingpong: bool = False
 
     def validate(self) -> None:
-        for name in ("block_q", "block_k"):
-            size = getattr(self, name)
-            if isinstance(size, bool) or not isinstance(size, int) or size < 64 or size % 64:
-                raise ValueError(f"MosaicBlocks.{name} must be a positive multiple of 64, got {size!r}")
-        if self.compute_wgs not in (1, 2):
-            raise ValueError(f"MosaicBlocks.compute_wgs must be 1 or 2, got {self.compute_wgs!r}")
-        if isinstance(self.num_slots, bool) or not isinstance(self.num_slots, int) or self.num_slots < 2:
-            raise ValueError(f"MosaicBlocks.num_slots must be an integer >= 2, got {self.num_slots!r}")
+        check_pipeline(self)
         if self.pingpong and self.compute_wgs != 2:
             raise ValueError(f"MosaicBlocks.pingpong needs compute_wgs=2, got {self.compute_wgs!r}")
 
@@ -73,6 +66,20 @@ class MosaicBlocks:
 
 # Two compute warpgroups taking turns on the tensor cores: the fastest variant of benchmarks/
 # check_sliding_window_mgpu.py at S32768 (W1024, W4096) and within 1% of the fastest at S8192 W512 (H200).
+def check_pipeline(blocks) -> None:
+    """Raises ValueError unless a Mosaic tiling's shared fields hold: block_q and block_k multiples of 64 (the
+    wgmma row count), compute_wgs 1 or 2, num_slots an integer >= 2."""
+    name = type(blocks).__name__
+    for field in ("block_q", "block_k"):
+        size = getattr(blocks, field)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 64 or size % 64:
+            raise ValueError(f"{name}.{field} must be a positive multiple of 64, got {size!r}")
+    if blocks.compute_wgs not in (1, 2):
+        raise ValueError(f"{name}.compute_wgs must be 1 or 2, got {blocks.compute_wgs!r}")
+    if isinstance(blocks.num_slots, bool) or not isinstance(blocks.num_slots, int) or blocks.num_slots < 2:
+        raise ValueError(f"{name}.num_slots must be an integer >= 2, got {blocks.num_slots!r}")
+
+
 DEFAULT_BLOCKS = MosaicBlocks(compute_wgs=2, pingpong=True)
 
 
