@@ -17,10 +17,7 @@ from attn._block_layouts import moba_bits, moba_block_layout
 from attn.moba import moba_pallas
 from kernels_pallas.block_sparse import Tiles
 
-
-def _rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1.0)
+import _kernel_helpers as helpers
 
 
 def _inputs(seed, b, s, h, hkv, d):
@@ -48,16 +45,9 @@ def test_kernel_matches_the_xla_form(case):
     q, k, v, dout = _inputs(seed, b, s, h, hkv, d)
     seg = jnp.asarray(np.repeat([[0, 1, 2]], b, 0).repeat([9, 13, s - 22], 1), jnp.int32) if segments else None
     kw = dict(causal=causal, segment_ids=seg, block_size=block, top_k=top_k)
-    out, vjp = jax.vjp(lambda q, k, v: moba_pallas(q, k, v, tiles=tiles, backend=backend, interpret=True, **kw),
-                       q, k, v)
-    f64 = lambda x: x.astype(jnp.float64)
-    ref, ref_vjp = jax.vjp(lambda q, k, v: attn.get("moba")(q, k, v, implementation="xla", **kw),
-                           f64(q), f64(k), f64(v))
-    assert out.shape == q.shape and out.dtype == q.dtype
-    assert _rel_err(out, ref) < 1e-5
-    for name, g, r in zip(("dq", "dk", "dv"), vjp(dout), ref_vjp(f64(dout))):
-        assert g.shape == r.shape, name
-        assert _rel_err(g, r) < 1e-5, name
+    helpers.assert_matches_float64(
+        lambda q, k, v: moba_pallas(q, k, v, tiles=tiles, backend=backend, interpret=True, **kw),
+        lambda q, k, v: attn.get("moba")(q, k, v, implementation="xla", **kw), q, k, v, dout)
 
 
 def test_registered_pallas_form_under_jit_with_two_bit_words():

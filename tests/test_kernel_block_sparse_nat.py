@@ -21,10 +21,7 @@ from attn.neighborhood_2d import (
 )
 from kernels_pallas.block_sparse import block_sparse_attention, tables
 
-
-def _rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1.0)
+import _kernel_helpers as helpers
 
 
 def _inputs(seed, s, h, hkv, d):
@@ -52,16 +49,9 @@ def test_kernel_matches_the_xla_form(case):
     backend, seed, spatial, kernel, dilation, h, hkv, block = case
     q, k, v, dout = _inputs(seed, spatial[0] * spatial[1], h, hkv, 16)
     kw = dict(spatial=spatial, kernel_size=kernel, dilation=dilation)
-    out, vjp = jax.vjp(lambda q, k, v: neighborhood_pallas(q, k, v, block_size=block, backend=backend,
-                                                           interpret=True, **kw), q, k, v)
-    f64 = lambda x: x.astype(jnp.float64)
-    ref, ref_vjp = jax.vjp(lambda q, k, v: attn.get("neighborhood_2d")(q, k, v, implementation="xla", **kw),
-                           f64(q), f64(k), f64(v))
-    assert out.shape == q.shape and out.dtype == q.dtype
-    assert _rel_err(out, ref) < 1e-5
-    for name, g, r in zip(("dq", "dk", "dv"), vjp(dout), ref_vjp(f64(dout))):
-        assert g.shape == r.shape, name
-        assert _rel_err(g, r) < 1e-5, name
+    helpers.assert_matches_float64(
+        lambda q, k, v: neighborhood_pallas(q, k, v, block_size=block, backend=backend, interpret=True, **kw),
+        lambda q, k, v: attn.get("neighborhood_2d")(q, k, v, implementation="xla", **kw), q, k, v, dout)
 
 
 def test_layout_and_windows_reproduce_the_dense_pattern():

@@ -17,17 +17,7 @@ from kernels_pallas.sliding_window import (BlockSizes, band, config, gpu_forward
                                            sliding_window_attention, sliding_window_reference)
 from kernels_pallas.sliding_window.mosaic_gpu_forward import MosaicBlocks
 
-
-def _inputs(seed, b, s, h, hkv, d, dtype=jnp.bfloat16):
-    keys = jax.random.split(jax.random.key(seed), 4)
-    normal = lambda key, shape: jax.random.normal(key, shape, jnp.float32).astype(dtype)
-    return normal(keys[0], (b, s, h, d)), normal(keys[1], (b, s, hkv, d)), normal(keys[2], (b, s, hkv, d)), \
-        normal(keys[3], (b, s, h, d))
-
-
-def _rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / np.linalg.norm(b)
+import _kernel_helpers as helpers
 
 
 # seq_len, padded length, left, right, blocks: a causal window whose rows meet fully masked edge tiles, and a
@@ -41,13 +31,13 @@ FORWARD_CASES = {
 @pytest.mark.parametrize("case", FORWARD_CASES.values(), ids=FORWARD_CASES.keys())
 def test_interpreted_forward_matches_reference_and_triton_lse(case):
     seq_len, s_pad, left, right, blocks = case
-    q, k, v, _ = _inputs(0, 1, s_pad, 4, 2, 64)  # GQA: two query heads per key/value head
+    q, k, v, _ = helpers.qkv_dout(0, 1, s_pad, 4, 2, 64)  # GQA: two query heads per key/value head
     kw = dict(left=left, right=right, scale=64 ** -0.5, seq_len=seq_len)
     out, lse = mosaic_gpu_forward.forward(q, k, v, blocks=blocks, interpret=plgpu.InterpretGPUParams(), **kw)
     f32 = lambda x: x[:, :seq_len].astype(jnp.float32)
     ref = sliding_window_reference(f32(q), f32(k), f32(v), window=(left, right))
     assert out.dtype == q.dtype
-    assert _rel_err(f32(out), ref) < 1e-2  # p is rounded to bfloat16 for the second product
+    assert helpers.rel_err(f32(out), ref) < 1e-2  # p is rounded to bfloat16 for the second product
     assert np.isfinite(np.asarray(out, np.float32)).all()  # padded rows too: the backward reads them
     # The Triton backward reads this lse: same values as the Triton forward's, PAD_LSE on padded rows.
     _, lse_triton = gpu_forward.forward(q, k, v, None, softcap=None, blocks=config.INTERPRET_DEFAULT,
@@ -57,17 +47,17 @@ def test_interpreted_forward_matches_reference_and_triton_lse(case):
 
 
 def test_gradients_through_ops_mosaic_forward_and_triton_backward():
-    q, k, v, dout = _inputs(1, 1, 150, 2, 1, 48, jnp.float16)  # head_dim 48 is padded to 64
+    q, k, v, dout = helpers.qkv_dout(1, 1, 150, 2, 1, 48, jnp.float16)  # head_dim 48 is padded to 64
     kw = dict(window=(20, 9), causal=False)
     out, vjp = jax.vjp(lambda q, k, v: sliding_window_attention(
         q, k, v, backend="mosaic_gpu", interpret=True, mosaic_blocks=MosaicBlocks(block_k=64), **kw), q, k, v)
     f32 = lambda x: x.astype(jnp.float32)
     ref, ref_vjp = jax.vjp(lambda q, k, v: sliding_window_reference(q, k, v, **kw), f32(q), f32(k), f32(v))
     assert out.shape == q.shape and out.dtype == q.dtype
-    assert _rel_err(f32(out), ref) < 5e-3
+    assert helpers.rel_err(f32(out), ref) < 5e-3
     for name, g, r in zip(("dq", "dk", "dv"), vjp(dout), ref_vjp(f32(dout))):
         assert g.shape == r.shape, name
-        assert _rel_err(f32(g), r) < 5e-3, name
+        assert helpers.rel_err(f32(g), r) < 5e-3, name
 
 
 def test_lowers_to_a_mosaic_gpu_kernel_on_a_cpu_only_machine():

@@ -19,17 +19,7 @@ from kernels_pallas.sliding_window import (band, config, gpu_backward, mosaic_gp
 from kernels_pallas.sliding_window.mosaic_gpu_backward import MosaicBackwardBlocks
 from kernels_pallas.sliding_window.mosaic_gpu_forward import MosaicBlocks
 
-
-def _inputs(seed, b, s, h, hkv, d, dtype=jnp.bfloat16):
-    keys = jax.random.split(jax.random.key(seed), 4)
-    normal = lambda key, shape: jax.random.normal(key, shape, jnp.float32).astype(dtype)
-    return normal(keys[0], (b, s, h, d)), normal(keys[1], (b, s, hkv, d)), normal(keys[2], (b, s, hkv, d)), \
-        normal(keys[3], (b, s, h, d))
-
-
-def _rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / np.linalg.norm(b)
+import _kernel_helpers as helpers
 
 
 f32 = lambda x: x.astype(jnp.float32)
@@ -48,18 +38,18 @@ GRAD_CASES = {
 @pytest.mark.parametrize("case", GRAD_CASES.values(), ids=GRAD_CASES.keys())
 def test_gradients_through_ops_match_float32_reference(case):
     dtype, seq_len, d, window, causal, blocks = case
-    q, k, v, dout = _inputs(1, 1, seq_len, 4, 2, d, dtype)
+    q, k, v, dout = helpers.qkv_dout(1, 1, seq_len, 4, 2, d, dtype)
     kw = dict(window=window, causal=causal)
     ours = lambda q, k, v: sliding_window_attention(q, k, v, backend="mosaic_gpu", interpret=True,
                                                     mosaic_blocks=MosaicBlocks(block_k=64),
                                                     mosaic_backward=blocks, **kw)
     out, vjp = jax.vjp(ours, q, k, v)
     ref, ref_vjp = jax.vjp(lambda q, k, v: sliding_window_reference(q, k, v, **kw), f32(q), f32(k), f32(v))
-    assert _rel_err(f32(out), ref) < 1e-2
+    assert helpers.rel_err(f32(out), ref) < 1e-2
     for name, g, r in zip(("dq", "dk", "dv"), vjp(dout), ref_vjp(f32(dout))):
         assert g.shape == r.shape and g.dtype == dtype, name
         assert np.isfinite(np.asarray(f32(g))).all(), name
-        assert _rel_err(f32(g), r) < 1e-2, name
+        assert helpers.rel_err(f32(g), r) < 1e-2, name
 
 
 def test_passes_match_triton_backward_on_the_same_residuals():
@@ -67,7 +57,7 @@ def test_passes_match_triton_backward_on_the_same_residuals():
     are masked): they must agree up to bfloat16 rounding of p and ds, on the real rows. Two compute warpgroups,
     128-key steps in the dq pass."""
     seq_len, s_pad, left, right = 300, 384, 70, 33
-    q, k, v, dout = _inputs(0, 1, s_pad, 4, 2, 64)
+    q, k, v, dout = helpers.qkv_dout(0, 1, s_pad, 4, 2, 64)
     kw = dict(left=left, right=right, scale=64 ** -0.5, seq_len=seq_len)
     out, lse = mosaic_gpu_forward.forward(q, k, v, blocks=MosaicBlocks(block_k=64),
                                           interpret=plgpu.InterpretGPUParams(), **kw)
@@ -80,7 +70,7 @@ def test_passes_match_triton_backward_on_the_same_residuals():
                                 interpret=plgpu.InterpretGPUParams(), **kw)
     for name, a, b in (("dq", dq, dq_t), ("dk", dk, dk_t), ("dv", dv, dv_t)):
         assert a.dtype == b.dtype, name
-        assert _rel_err(f32(a[:, :seq_len]), f32(b[:, :seq_len])) < 1e-3, name
+        assert helpers.rel_err(f32(a[:, :seq_len]), f32(b[:, :seq_len])) < 1e-3, name
 
 
 def test_whole_vjp_lowers_to_three_mosaic_gpu_kernels_on_a_cpu_only_machine():

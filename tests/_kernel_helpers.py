@@ -1,0 +1,31 @@
+"""Checks shared by the kernel tests that compare a Pallas form with a reference form."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def rel_err(a, b, floor=0.0):
+    """Relative Frobenius error of ``a`` against ``b``; ``floor`` bounds the denominator from below."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), floor)
+
+
+def assert_matches_float64(kernel, reference, q, k, v, dout, tol=1e-5):
+    """``kernel(q, k, v)`` (float32) agrees with ``reference`` run in float64, in the output and dq, dk, dv."""
+    out, vjp = jax.vjp(kernel, q, k, v)
+    f64 = lambda x: x.astype(jnp.float64)
+    ref, ref_vjp = jax.vjp(reference, f64(q), f64(k), f64(v))
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert rel_err(out, ref, 1.0) < tol
+    for name, g, r in zip(("dq", "dk", "dv"), vjp(dout), ref_vjp(f64(dout))):
+        assert g.shape == r.shape, name
+        assert rel_err(g, r, 1.0) < tol, name
+
+
+def qkv_dout(seed, b, s, h, hkv, d, dtype=jnp.bfloat16):
+    """Standard-normal q [b, s, h, d], k and v [b, s, hkv, d] and an output cotangent like q, in ``dtype``."""
+    keys = jax.random.split(jax.random.key(seed), 4)
+    normal = lambda key, shape: jax.random.normal(key, shape, jnp.float32).astype(dtype)
+    return normal(keys[0], (b, s, h, d)), normal(keys[1], (b, s, hkv, d)), normal(keys[2], (b, s, hkv, d)), \
+        normal(keys[3], (b, s, h, d))
