@@ -1,5 +1,6 @@
 """GPU check of the block-sparse kernel's fine masks (routing tags, MoBA bits) and the traced-layout overflow
-error, compiled for the GPU (Triton), against the "xla" forms.
+error, compiled for the GPU (Triton), against the "xla" forms; neighborhood_2d (NAT / DiNAT) through its
+"window2d" fine mask too.
 
 Run on the GPU machine from the repository root: ``PYTHONPATH=. python3 benchmarks/check_block_sparse_masks.py``.
 Prints, per mechanism, dtype and causal, the relative (Frobenius) errors of the output and of dq, dk, dv
@@ -74,4 +75,7 @@ if __name__ == "__main__":
     centroids = jax.random.normal(jax.random.key(1), (4, 4, 64), jnp.float32)
     check("routing", {"centroids": centroids})
     check("moba", {"block_size": 64, "top_k": 3})
+    # NAT / DiNAT on a 32 x 32 grid (seq 1024): 7 x 7 neighbourhoods, plain and dilated; not causal.
+    for dilation in (1, 2):
+        check("neighborhood_2d", {"spatial": (32, 32), "kernel_size": 7, "dilation": dilation}, causals=(False,))
     check_overflow()
