@@ -25,4 +25,6 @@ case $part in
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
 # XLA's out-of-memory reports run to thousands of lines: keep the suite's own log lines and errors.
-python3 -m benchmarks.suite "${common[@]}" "${args[@]}" "${@:3}" 2>&1 | grep -E '^\[|Error' | cut -c1-400
+# Line-buffered, so that a run cut by the caller's time limit still shows how far it got.
+python3 -m benchmarks.suite "${common[@]}" "${args[@]}" "${@:3}" 2>&1 | grep --line-buffered -E '^\[|Error' \
+  | cut -c1-400
