@@ -27,4 +27,4 @@ esac
 # XLA's out-of-memory reports run to thousands of lines: keep the suite's own log lines and errors.
 # Line-buffered, so that a run cut by the caller's time limit still shows how far it got.
 python3 -m benchmarks.suite "${common[@]}" "${args[@]}" "${@:3}" 2>&1 | grep --line-buffered -E '^\[|Error' \
-  | cut -c1-400
+  | stdbuf -oL cut -c1-400
