@@ -316,7 +316,8 @@ def main():
     REPORT["meta"] = dict(device=str(dev.device_kind), jax=jax.__version__,
                           date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                           variants={n: str(b) for n, b in VARIANTS.items()},
-                          bwd_variants={n: str(b) for n, b in BWD_VARIANTS.items()}, budget_s=BUDGET_S)
+                          bwd_variants={n: str(b) for n, b in BWD_VARIANTS.items()}, budget_s=BUDGET_S,
+                          commit=os.environ.get("BENCH_COMMIT"))  # the caller names the commit it exported
     log("meta", json.dumps(REPORT["meta"]))
     first_check = next(iter(CHECKS))
     for bwd in BWD_VARIANTS:  # 0. the Mosaic GPU backward: checks, timings, the other checks

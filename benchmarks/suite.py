@@ -296,7 +296,9 @@ def markdown(runs, rows, scan, unavailable, scan_run=0) -> str:
     for i, run in enumerate(runs):
         lines += [f"Run {i}: device {run['device']} ({run['platform']}), driver {run['driver']}, {run['date']}, "
                   f"commit {run['commit'][:12]}{' (dirty)' if run['commit_dirty'] else ''}"
-                  + (f" ({run['commit_note']})" if run.get("commit_note") else "") + ". Libraries: "
+                  + (f" ({run['commit_note']})" if run.get("commit_note") else "")
+                  + (f", XLA_FLAGS {run['env']['XLA_FLAGS']}" if run.get("env", {}).get("XLA_FLAGS") else "")
+                  + ". Libraries: "
                   + ", ".join(f"{k} {v}" for k, v in run["libraries"].items()) + ".", ""]
     lines += [f"Times: {meta['conventions']['time']}. TFLOP/s: {meta['conventions']['tflops']}.", ""]
     for family in impls.FAMILIES:
@@ -357,9 +359,10 @@ def _shape_label(r) -> str:
             + (f" density {r['density']:g}" if r["density"] is not None else ""))
 
 
-def plots(rows, out_dir, meta) -> list[str]:
+def plots(rows, out_dir, runs) -> list[str]:
     """One PNG per family: tokens/s against sequence length, a line per implementation; a row of panels
-    (forward, forward+backward) per shape variant (mechanism, head_dim, causal, window, density)."""
+    (forward, forward+backward) per shape variant (mechanism, head_dim, causal, window, density). The title
+    names the device, date and commit of the run(s) that measured the family."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -393,8 +396,10 @@ def plots(rows, out_dir, meta) -> list[str]:
         handles = [plt.Line2D([], [], color=colors[n], marker=markers[n],
                               linestyle="-" if n.startswith("ours") else "--") for n in names]
         fig.legend(handles, names, loc="outside lower center", ncol=4, fontsize=8)
-        fig.suptitle(f"{family}: throughput vs sequence length ({meta['device']}, {meta['date'][:10]}, "
-                     f"commit {meta['commit'][:8]}); solid = ours, dashed = peers", fontsize=10)
+        metas = [runs[i] for i in sorted({r.get("run", 0) for r in fam})]
+        where = "; ".join(f"{m['device']}, {m['date'][:10]}, commit {m['commit'][:8]}" for m in metas)
+        fig.suptitle(f"{family}: throughput vs sequence length ({where}); solid = ours, dashed = peers",
+                     fontsize=10)
         path = os.path.join(out_dir, f"suite_{family}.png")
         fig.savefig(path, dpi=100)
         plt.close(fig)
@@ -410,7 +415,7 @@ def write_outputs(report: dict, out_dir: str) -> None:
     with open(os.path.join(out_dir, "suite.md"), "w") as fh:
         fh.write(markdown(runs, rows, report.get("complexity_scan"), report["peers_unavailable"],
                           report.get("complexity_scan_run", 0)))
-    report["plots"] = [os.path.relpath(p, out_dir) for p in plots(rows, out_dir, runs[0])]
+    report["plots"] = [os.path.relpath(p, out_dir) for p in plots(rows, out_dir, runs)]
     with open(os.path.join(out_dir, "headline.json"), "w") as fh:
         json.dump(report["headline"], fh, indent=1)
     with open(os.path.join(out_dir, "suite.json"), "w") as fh:

@@ -112,6 +112,16 @@ def test_query_tile_runs_match_what_the_memory_warpgroup_streams():
         assert needed == set(range(first, end))
 
 
+def test_the_mosaic_forward_takes_the_mosaic_backward_by_default():
+    """mosaic_backward=None: the Mosaic backward with the Mosaic forward (faster on the H200), the Triton one
+    with every other forward; False keeps the Triton backward behind the Mosaic forward."""
+    from kernels_pallas.sliding_window import ops
+
+    assert ops._mosaic_backward_blocks(None, mosaic_gpu=True) == mosaic_gpu_backward.DEFAULT_BACKWARD_BLOCKS
+    assert ops._mosaic_backward_blocks(None, mosaic_gpu=False) is None
+    assert ops._mosaic_backward_blocks(False, mosaic_gpu=True) is None
+
+
 BAD = {
     "block_q not a multiple of 64": (dict(mosaic_backward=MosaicBackwardBlocks(block_q=32)), "block_q"),
     "three compute warpgroups": (dict(mosaic_backward=MosaicBackwardBlocks(compute_wgs=3)), "compute_wgs"),

@@ -80,7 +80,10 @@ class MosaicBackwardBlocks:
         return self.block_q * self.compute_wgs
 
 
-DEFAULT_BACKWARD_BLOCKS = MosaicBackwardBlocks()
+# H200, B4 H16 D128 bf16 causal, forward+backward with the default Mosaic forward (same run, ms): 3 slots 1.818 /
+# 10.236 / 31.053 at S8192 W512 / S32768 W1024 / W4096, 2 slots 1.927 / 10.154 / 30.721, one compute warpgroup
+# 2.218 / 12.894 / 39.385 (benchmarks/results/sliding_window_mgpu_bwd_h200.txt).
+DEFAULT_BACKWARD_BLOCKS = MosaicBackwardBlocks(num_slots=3)
 
 
 def program_query_tiles(k_start, keys, block_q, left, right, seq_len):
