@@ -5,9 +5,14 @@ Run on the GPU machine from the repository root: ``PYTHONPATH=. python benchmark
    final state and the gradients of q, k, v, beta, log_gate and the initial state against
    ``attn._recurrent.delta_recurrence`` (chunked, float32 maths on the same inputs); prints max abs and relative
    (Frobenius) errors.
-2. Forward and forward+backward of the gated delta rule at B4 S8192 H16 D128 bf16 for a few configs, and XLA's
-   chunked form for comparison: median ms and tokens/s.
-Everything printed also goes to $OUT/check_delta_kernel.txt ($OUT defaults to /tmp). Time-boxed to ~150 s.
+2. Where the WY preparation's time goes, at B4 S8192 H16 D128 bf16 (forward and forward+backward, median ms and
+   tokens/s): the whole kernel with the new preparation (explicit inverse kernel ``delta_inverse_gpu`` + matmuls,
+   the GPU default); the preparation alone (``delta_chunk.wy_prepare``, new, then old: XLA's triangular solve);
+   the inverse kernel alone (forward); the whole kernel with the old preparation.
+3. Forward and forward+backward of the gated delta rule at that shape for a few configs, and XLA's chunked form
+   for comparison.
+Everything printed also goes to $OUT/check_delta_kernel.txt ($OUT defaults to /tmp). Time-boxed to
+DELTA_BUDGET_S (default 150 s): the bf16 check, then 2., then the other checks, then 3., as far as it reaches.
 ``--smoke``: tiny shapes in Pallas' interpreter (a CPU dry run of the script itself).
 """
 
@@ -26,10 +31,11 @@ import jax.numpy as jnp  # noqa: E402
 
 from attn import _recurrent as r  # noqa: E402
 from benchmarks import _check_common as common  # noqa: E402
-from kernels_pallas.linear_recurrent.delta_ops import GPU_DEFAULT, chunked_delta_recurrence  # noqa: E402
+from kernels_pallas.linear_recurrent import delta_chunk, delta_inverse_gpu  # noqa: E402
+from kernels_pallas.linear_recurrent.delta_ops import GPU_DEFAULT, chunked_delta_recurrence, wy_inverse  # noqa: E402
 
 START = time.perf_counter()
-BUDGET_S = 150.0
+BUDGET_S = float(os.environ.get("DELTA_BUDGET_S", "150"))
 LOG_PATH = os.path.join(os.environ.get("OUT", "/tmp"), "check_delta_kernel.txt")
 SMOKE = "--smoke" in sys.argv
 CHECK_SHAPE = (1, 40, 2, 32) if SMOKE else (2, 1024, 4, 128)  # batch, seq, heads, head_dim
@@ -91,23 +97,97 @@ def kernel_forward(config):
     return forward
 
 
+def chunked_inputs(chunk):
+    """The bench inputs as ``delta_ops`` hands them to the WY preparation: float32 heads-first chunks
+    k [b, h, n, C, d], v like k, beta and the inclusive cumulative log gates [b, h, n, C]."""
+    b, s, h, d = BENCH_SHAPE
+    _, k, v, beta, gate, _, _, _ = inputs(jax.random.key(0), b, s, h, d, jnp.bfloat16)
+
+    def chunks(x):
+        x = jnp.swapaxes(x.astype(jnp.float32), 1, 2)
+        return x.reshape((b, h, s // chunk, chunk) + x.shape[3:])
+
+    return chunks(k), chunks(v), chunks(beta), jnp.cumsum(chunks(gate), axis=-1)
+
+
+def bench_prepare(config, label):
+    """Forward and forward+backward (gradients of k, v, beta, cum) of the WY preparation alone with ``config``'s
+    inverse choice, as the bf16 kernel runs it."""
+    args = chunked_inputs(config.chunk_size)
+    inverse, precision = wy_inverse(config, "triton", SMOKE, jnp.bfloat16)
+
+    def prepare(*xs):
+        return delta_chunk.wy_prepare(*xs, inverse=inverse, precision=precision)
+
+    def gradients(cotangents, *xs):
+        return jax.vjp(prepare, *xs)[1](cotangents)
+
+    # Cotangents passed as arguments, not closed over (a closed-over array would be baked into the executable).
+    cotangents = tuple(jnp.ones(o.shape, o.dtype) for o in jax.eval_shape(prepare, *args))
+    modes = (("fwd", jax.jit(prepare), args), ("fwd+bwd", jax.jit(gradients), (cotangents,) + args))
+    tokens = BENCH_SHAPE[0] * BENCH_SHAPE[1]
+    for mode, fn, fn_args in modes:
+        if time.perf_counter() > START + BUDGET_S:
+            log(f"{label} {mode}: skipped (time budget)")
+            continue
+        try:
+            sec = common.time_call(fn, *fn_args, reps=REPS)
+            log(f"{label} {mode}: {sec * 1e3:.3f} ms, {tokens / sec / 1e6:.2f} M tokens/s")
+        except Exception as e:
+            log(f"{label} {mode}: FAILED {type(e).__name__}: {str(e)[:600]}")
+
+
+def bench_inverse(config, label):
+    """The inverse kernel alone (forward): T [b, h, n, C, C] from k, beta, cum."""
+    k, _, beta, cum = chunked_inputs(config.chunk_size)
+    settings = delta_inverse_gpu.Settings(interpret=SMOKE, tf32=True, num_warps=config.num_warps,
+                                          num_stages=config.num_stages)
+    if time.perf_counter() > START + BUDGET_S:
+        log(f"{label} fwd: skipped (time budget)")
+        return
+    try:
+        sec = common.time_call(jax.jit(lambda *xs: delta_inverse_gpu.inverse(*xs, settings)), k, beta, cum,
+                               reps=REPS)
+        log(f"{label} fwd: {sec * 1e3:.3f} ms")
+    except Exception as e:
+        log(f"{label} fwd: FAILED {type(e).__name__}: {str(e)[:600]}")
+
+
 def xla_forward(q, k, v, beta, g):
     out, _ = r.delta_recurrence(q, k, v, beta, log_gate=g, implementation="chunked", chunk_size=64)
     return out.astype(q.dtype)
 
 
-def main():
-    log("devices:", jax.devices(), "jax", jax.__version__)
-    for dtype, gated in ((jnp.bfloat16, True), (jnp.float32, True), (jnp.bfloat16, False)):
+def run_checks(cases):
+    """``check`` of each (dtype, gated) while the budget lasts; a failure is logged, not raised."""
+    for dtype, gated in cases:
+        label = f"{'gated' if gated else 'plain'} {jnp.dtype(dtype).name}"
+        if time.perf_counter() > START + BUDGET_S:
+            log(f"{label}: check skipped (time budget)")
+            continue
         try:
             check(dtype, gated)
         except Exception as e:
-            log(f"{'gated' if gated else 'plain'} {jnp.dtype(dtype).name}: FAILED {type(e).__name__}: {str(e)[:1500]}")
+            log(f"{label}: FAILED {type(e).__name__}: {str(e)[:1500]}")
             log(traceback.format_exc()[-1500:])
+
+
+def main():
+    log("devices:", jax.devices(), "jax", jax.__version__)
+    # The bf16 check, the timings of the preparation, then the other checks: the budget stops what is left.
+    run_checks(((jnp.bfloat16, True),))
     chunk = 16 if SMOKE else GPU_DEFAULT.chunk_size  # the interpreter's smallest tile keeps --smoke quick
     default = dataclasses.replace(GPU_DEFAULT, chunk_size=chunk)
-    variants = [
-        ("default", default),
+    new, old = (dataclasses.replace(default, explicit_inverse=x) for x in (True, False))
+    # Where the WY preparation's time goes (first: the budget stops what is left).
+    log(f"config new prep (explicit inverse): {new}")
+    bench(kernel_forward(new), "whole kernel, new prep")
+    bench_prepare(new, "prep alone, new (inverse kernel + matmuls)")
+    bench_prepare(old, "prep alone, old (triangular solve)")
+    bench_inverse(new, "inverse kernel alone (tf32)")
+    bench(kernel_forward(old), "whole kernel, old prep")
+    run_checks(((jnp.float32, True), (jnp.bfloat16, False)))
+    variants = [  # the default itself ran above ("whole kernel, new prep")
         ("block_v32", dataclasses.replace(default, block_v=32)),
         ("block_v128", dataclasses.replace(default, block_v=128)),
         ("warps8", dataclasses.replace(default, num_warps=8)),

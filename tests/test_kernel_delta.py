@@ -3,6 +3,8 @@
 Both agree with the step-by-step float64 recurrence of ``attn._recurrent.delta_recurrence`` in the output, the final
 state and the gradients of q, k, v, beta, the log gates and the initial state: lengths that are not chunk multiples,
 with and without gate and initial state, several chunks, several dv blocks (summed partial gradients), strong decay.
+The GPU build runs its default WY preparation (the explicit inverse kernel, ``delta_inverse_gpu``), the TPU build
+XLA's triangular solve.
 Shapes stay tiny: interpret mode is slow.
 """
 
@@ -105,6 +107,8 @@ BAD_ARGUMENTS = {
     "beta of the wrong shape": (dict(beta=jnp.zeros((1, 16, 1))), "beta"),
     "log gate per key dim": (dict(log_gate=jnp.zeros((1, 16, 2, 16))), "log_gate"),
     "value block not a power of two": (dict(config=DeltaConfig(chunk_size=16, block_v=12)), "block_v"),
+    "explicit WY inverse on TPU": (dict(config=DeltaConfig(chunk_size=16, explicit_inverse=True), backend="mosaic_tpu"),
+                                   "explicit_inverse"),
     **helpers.COMMON_BAD_ARGUMENTS,
 }
 

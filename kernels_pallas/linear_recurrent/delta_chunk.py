@@ -1,5 +1,6 @@
 """The WY preparation of the chunked (gated) delta rule, in plain JAX (XLA, differentiated by JAX's autodiff): the
-state-independent part of every chunk, computed in parallel before the sequential state pass.
+state-independent part of every chunk, computed in parallel before the sequential state pass. On the GPU build the
+triangular solve is replaced by an explicit inverse T from a Pallas kernel (``delta_inverse_gpu``) and two matmuls.
 
 Recurrence ("Parallelizing Linear Transformers with the Delta Rule over Sequence Length"; gated: "Gated Delta
 Networks: Improving Mamba2 with Delta Rule"), state S [dk, dv] (the papers' transpose):
@@ -40,20 +41,39 @@ def decay_matrix(cum, inclusive: bool):
     return jnp.where(keep, jnp.exp(jnp.where(keep, diff, 0.0)), 0.0)
 
 
-def wy_prepare(k, v, beta, cum):
+def wy_matrix(gram, beta, cum):
+    """The strictly lower triangular A of one chunk (or a batch of them) from the keys' Gram matrix
+    ``gram`` = K K^T [..., C, C], beta and cum [..., C]: A_ts = beta_t exp(c_t - c_s) (k_t . k_s) for s < t, else 0.
+
+    Plain jnp on whole tiles, so that the XLA path, the GPU inverse kernel and its custom VJP build A alike.
+    """
+    return beta[..., :, None] * decay_matrix(cum, inclusive=False) * gram
+
+
+def wy_prepare(k, v, beta, cum, inverse=None, precision=None):
     """The state-independent parts of every chunk.
 
     k [b, h, n, C, dk], v [b, h, n, C, dv], beta and cum [b, h, n, C] (all in the accumulation dtype) ->
     (u0 [.., C, dv], w [.., C, dk], k_out [.., C, dk]) with U = u0 - w S0 the chunk's new values and
     k_out = K * exp(L - c) the keys decayed to the chunk end.
-    """
-    chunk = k.shape[-2]
-    strict = decay_matrix(cum, inclusive=False)
-    lower = jnp.eye(chunk, dtype=k.dtype) + beta[..., :, None] * strict * jnp.einsum("...td,...sd->...ts", k, k)
-    rhs = jnp.concatenate([beta[..., None] * v, (beta * jnp.exp(cum))[..., None] * k], axis=-1)
-    # One unit lower-triangular solve per chunk for both right-hand sides (T applied without forming it).
-    sol = jax.lax.linalg.triangular_solve(lower, rhs, left_side=True, lower=True, unit_diagonal=True)
-    dv = v.shape[-1]
-    k_out = k * jnp.exp(cum[..., -1:] - cum)[..., None]
-    return sol[..., :dv], sol[..., dv:], k_out
 
+    ``inverse``: None: one unit lower-triangular solve per chunk in XLA (``jax.lax.linalg.triangular_solve``, and
+    JAX's autodiff of it), what the TPU build runs. Else a function (k, beta, cum) -> T = (I + A)^-1 [.., C, C]
+    with its own VJP (``delta_inverse_gpu.inverse``, the GPU build), applied with two batched matmuls at
+    ``precision``: u0 = T diag(beta) V, w = T diag(beta exp(c)) K (fla's layout).
+    """
+    k_out = k * jnp.exp(cum[..., -1:] - cum)[..., None]
+    v_in = beta[..., None] * v
+    k_in = (beta * jnp.exp(cum))[..., None] * k
+    if inverse is not None:
+        t = inverse(k, beta, cum)
+        u0, w = (jnp.einsum("...ts,...sd->...td", t, x, precision=precision) for x in (v_in, k_in))
+        return u0, w, k_out
+    chunk = k.shape[-2]
+    gram = jnp.einsum("...td,...sd->...ts", k, k)
+    lower = jnp.eye(chunk, dtype=k.dtype) + wy_matrix(gram, beta, cum)
+    # One unit lower-triangular solve per chunk for both right-hand sides (T applied without forming it).
+    sol = jax.lax.linalg.triangular_solve(lower, jnp.concatenate([v_in, k_in], axis=-1), left_side=True,
+                                          lower=True, unit_diagonal=True)
+    dv = v.shape[-1]
+    return sol[..., :dv], sol[..., dv:], k_out

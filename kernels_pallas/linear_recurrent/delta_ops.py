@@ -3,8 +3,9 @@ their custom VJPs, backend dispatch.
 
 Structure (a first version), three steps:
 
-1. the chunk-parallel WY preparation (one triangular solve per chunk) in plain JAX (``delta_chunk.wy_prepare``,
-   differentiated by JAX's autodiff);
+1. the chunk-parallel WY preparation in plain JAX (``delta_chunk.wy_prepare``, differentiated by JAX's autodiff):
+   on the GPU build T = (I + A)^-1 per chunk from a Pallas kernel with a custom VJP (``delta_inverse_gpu``) then two
+   matmuls; on the TPU build one XLA triangular solve per chunk (``DeltaConfig.explicit_inverse`` switches);
 2. the SEQUENTIAL state pass across chunks, a Pallas kernel (``delta_gpu`` for Triton, ``delta_tpu`` for Mosaic
    TPU) with a ``jax.custom_vjp`` whose backward is the reverse-time Pallas pass (``dstates``);
 3. the chunk-parallel output step, a Pallas kernel (``delta_output_gpu`` / ``delta_output_tpu``) with its own
@@ -35,12 +36,15 @@ class DeltaConfig:
         dv); the rows (dk) are never split, since the correction ``w S`` contracts them. Smaller blocks give more
         programs. The output's gradient kernel takes whole heads.
       num_warps, num_stages: Triton launch settings (ignored on TPU and in interpret mode).
+      explicit_inverse: the WY preparation's T = (I + A)^-1 from the Pallas kernel ``delta_inverse_gpu`` (Triton
+        only) and two matmuls (True), or XLA's batched triangular solve (False); None = by backend (Triton: True).
     """
 
     chunk_size: int = 64
     block_v: int | None = 64
     num_warps: int = 4
     num_stages: int = 2
+    explicit_inverse: bool | None = None
 
     def validate(self, min_tile: int) -> None:
         """Raises ValueError unless chunk_size and block_v are powers of two >= ``min_tile`` (block_v may be None)."""
@@ -54,6 +58,8 @@ class DeltaConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.explicit_inverse is not None and not isinstance(self.explicit_inverse, bool):
+            raise ValueError(f"explicit_inverse must be a bool or None, got {self.explicit_inverse!r}")
 
 
 # GPU (Triton): 64-step chunks, state blocks [dk, 64] in registers (fla's chunk_gated_delta_rule layout; untuned).
@@ -125,6 +131,27 @@ def _output_bwd(st, residuals, dout):
 _output.defvjp(_output_fwd, _output_bwd)
 
 
+def wy_inverse(config, backend, interpret, dtype):
+    """(inverse, precision) arguments of ``delta_chunk.wy_prepare``: (None, None) for XLA's triangular solve, else
+    the GPU inverse kernel and the precision of the matmuls applying T. For bf16/f16 inputs w and u0 are rounded to
+    16 bits right after, so TF32 (11 bits) suffices there; float32 inputs get float32-accurate products."""
+    explicit = backend == "triton" if config.explicit_inverse is None else config.explicit_inverse
+    if not explicit:
+        return None, None
+    if backend != "triton":
+        raise ValueError(f"explicit_inverse=True needs the Triton backend (a Pallas GPU kernel), got {backend!r}")
+    from kernels_pallas.linear_recurrent import delta_inverse_gpu
+
+    half = jnp.dtype(dtype).itemsize < 4
+    settings = delta_inverse_gpu.Settings(interpret=bool(interpret), tf32=half, num_warps=config.num_warps,
+                                          num_stages=config.num_stages)
+
+    def inverse(k, beta, cum):
+        return delta_inverse_gpu.inverse(k, beta, cum, settings)
+
+    return inverse, settings.xla_precision
+
+
 def _to_chunks(x, s_pad, d_pad, chunk, dtype):
     """[b, s, h, d] -> zero-padded heads-first chunks [b, h, n, chunk, d_pad] in ``dtype``; [b, s, h] ->
     [b, h, n, chunk]."""
@@ -164,8 +191,9 @@ def chunked_delta_recurrence(
 
     Returns ``(out [batch, seq, heads, v_head_dim] in q's dtype, final_state [batch, heads, head_dim, v_head_dim]
     float32)`` (float64 for float64 inputs, interpret mode only). Differentiable in q, k, v, beta, log_gate and
-    initial_state. The WY preparation runs in float32 (XLA); the kernels' matmul operands are in q's dtype,
-    accumulated in float32 with a float32 carried state (states stored per chunk in q's dtype).
+    initial_state. The WY preparation runs in float32 (XLA; on GPU around a Pallas inverse kernel); the kernels'
+    matmul operands are in q's dtype, accumulated in float32 with a float32 carried state (states stored per chunk
+    in q's dtype).
 
     Papers: "Parallelizing Linear Transformers with the Delta Rule over Sequence Length"; "Gated Delta Networks:
     Improving Mamba2 with Delta Rule".
@@ -193,7 +221,7 @@ def chunked_delta_recurrence(
     beta_c = _to_chunks(beta, s_pad, None, chunk, acc)  # [b, h, n, C]
     gate = jnp.zeros((b, s, h), acc) if log_gate is None else log_gate
     cum = jnp.cumsum(_to_chunks(gate, s_pad, None, chunk, acc), axis=-1)  # inclusive, inside each chunk
-    u0, w, k_out = delta_chunk.wy_prepare(kc, vc, beta_c, cum)
+    u0, w, k_out = delta_chunk.wy_prepare(kc, vc, beta_c, cum, *wy_inverse(config, backend, interpret, q.dtype))
 
     def flat(x):  # [b, h, n, C, d] -> [b, h, s_pad, d] in the kernels' operand dtype
         return x.reshape(b, h, s_pad, x.shape[-1]).astype(q.dtype)

@@ -1,0 +1,185 @@
+"""The delta rule's WY inverse on GPU (Pallas, Triton backend): T = (I + A)^-1 for every chunk, A formed in the
+kernel, and its VJP in plain JAX (matmuls only). ``delta_chunk.wy_prepare`` applies T with two matmuls,
+u0 = T diag(beta) V and w = T diag(beta exp(c)) K, instead of XLA's batched triangular solve (fla's layout).
+
+Per chunk of C steps (``delta_chunk`` derives it), with keys K [C, dk], writing strengths beta and inclusive
+cumulative log gates c [C]:
+
+  A_ts = beta_t exp(c_t - c_s) (k_t . k_s)  for s < t, else 0     (strictly lower: I + A is unit lower triangular)
+
+Forward, one program per chunk, everything in registers (A never goes through memory):
+
+1. G = K K^T (one dot), A = ``delta_chunk.wy_matrix(G, beta, c)``: the decay is masked before the exp, so every
+   exponent is <= 0.
+2. The diagonal blocks of B = 16 rows (Triton's smallest dot tile): T_D = blockdiag((I + A_bb)^-1) by forward
+   substitution in all blocks at once. Step j = 1 .. B-1 sets row j of every block: A_D (A's diagonal blocks) and
+   T_D are block diagonal, so the column sums a_j = sum over the rows j of A_D pack every block's row j into that
+   block's columns, and v = a_j^T T_D (a column sum again) holds every block's sum_s A_rs T_s,col in its columns:
+   T_D[row j of block(col), col] = [r == col] - v[col]. B - 1 steps of elementwise work and two column sums.
+3. The off-diagonal blocks: with A = A_D + A_O (A_O strictly block lower), I + A = (I + A_D)(I + T_D A_O), so
+   T = (I + N)^-1 T_D with N = T_D A_O, the fixed point of T <- T_D - N T. N is strictly block lower (nilpotent),
+   so from T = T_D block row i is exact after i steps: C/B - 1 whole-tile dots (plus one for N). This is block
+   forward substitution (as LAPACK's blocked trtri inverts), done with whole [C, C] dots, zero blocks included,
+   because Triton cannot slice register tiles; block rows already exact come out bitwise the same again.
+
+Why this and not: row-by-row substitution over the whole tile (C steps, each two cross-warp reductions, no tensor
+cores: 4x the serial steps at C = 64); the doubling product (I - A)(I + A^2)(I + A^4)... (all dots, but the powers
+of A grow like binomial coefficients when keys are correlated and then cancel in float32; substitution never forms
+them); fla's 16 -> 32 -> 64 merges of sliced blocks (needs slicing of register tiles, which Pallas' Triton lowering
+lacks). Cost at C = 64: 1 + 4 dots of [64, 64] (G: [64, dk]) per chunk; it grows like C^3 per chunk (C^2 per
+token), so C = 128 costs 4x C = 64 per token here.
+
+Backward (``jax.custom_vjp``, plain JAX): T = (I + A)^-1 gives dT = -T dA T, so for a cotangent T_bar
+
+  <T_bar, dT> = -tr(T_bar^T T dA T) = <-T^T T_bar T^T, dA>   =>   A_bar = -strict_lower(T^T T_bar T^T)
+
+(only A's strictly lower entries are free), then the VJP of ``wy_matrix`` (recomputed in XLA) takes A_bar to k,
+beta and c. Two batched [C, C] matmuls and the Gram matrix's two: no triangular solve.
+
+Precision: true float32 (float64 in interpret mode) in Pallas' interpreter (the CPU has no TF32). On the GPU the
+dots run as 3-pass TF32 (float32-accurate, tensor cores), or 1-pass TF32 with ``tf32=True``: the GPU build asks
+for it when w and u0 are rounded to bf16/f16 right after (TF32 keeps 11 bits, they keep 8 or 11; bf16 keys are
+exact in TF32, so G is exact then).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from kernels_pallas.linear_recurrent import delta_chunk
+
+BLOCK = 16  # rows of the diagonal blocks inverted by substitution (Triton's smallest dot tile)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What the kernel needs that is not an array (hashable: custom_vjp's non-differentiable argument).
+
+    interpret: run in Pallas' interpreter (CPU); tf32: 1-pass TF32 dots on the GPU (else 3-pass);
+    num_warps, num_stages: Triton launch settings.
+    """
+
+    interpret: bool = False
+    tf32: bool = False
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def kernel_precision(self, dtype):
+        """The in-kernel dots' precision (lax.Precision or a DotAlgorithmPreset)."""
+        if self.interpret or dtype == jnp.float64:
+            return lax.Precision.HIGHEST
+        if self.tf32:
+            return lax.DotAlgorithmPreset.TF32_TF32_F32
+        return lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+
+    @property
+    def xla_precision(self):
+        """The XLA matmuls around the kernel (``wy_prepare`` applying T, the backward): DEFAULT (XLA may use TF32
+        on the GPU) with ``tf32``, else HIGHEST."""
+        return lax.Precision.DEFAULT if self.tf32 else lax.Precision.HIGHEST
+
+
+def invert_tile(a, dot, block=BLOCK):
+    """(I + a)^-1 of one strictly lower triangular tile a [C, C] (C a multiple of ``block``): steps 2 and 3 of the
+    module docstring. ``dot(x, y)`` is the backend's matmul; pure jnp otherwise (runs in and out of kernels)."""
+    chunk = a.shape[0]
+    shift = block.bit_length() - 1  # block is a power of two: shifts and masks (what Triton lowers plainly)
+    t = jnp.arange(chunk)
+    row, col = t[:, None], t[None, :]
+    same_block = (row >> shift) == (col >> shift)
+    eye = (row == col).astype(a.dtype)
+    a_diag = jnp.where(same_block, a, 0.0)
+
+    def substitute(j, t_diag):
+        rows_j = (row & (block - 1)) == j
+        a_j = jnp.sum(jnp.where(rows_j, a_diag, 0.0), axis=0)  # [C]: each column's block's row j of A
+        v = jnp.sum(a_j[:, None] * t_diag, axis=0)  # [C]: rows j of A_D T_D, packed by columns
+        return jnp.where(rows_j & same_block, t_diag - v[None, :], t_diag)  # those rows still hold the identity
+
+    # Row 0 of every block is the identity's: steps 1 .. block - 1.
+    t_diag = lax.fori_loop(1, min(block, chunk), substitute, eye)
+    if chunk <= block:
+        return t_diag
+    n = dot(t_diag, jnp.where(same_block, 0.0, a))  # T_D A_O: strictly block lower
+    inv = t_diag
+    for _ in range(chunk // block - 1):  # block row i is exact after i steps
+        inv = t_diag - dot(n, inv)
+    return inv
+
+
+def _make_dot(precision, acc):
+    def dot(x, y, trans_b=False):
+        dims = (((1,), (1 if trans_b else 0,)), ((), ()))
+        return lax.dot_general(x, y, dims, precision=precision, preferred_element_type=acc)
+
+    return dot
+
+
+def _inverse_kernel(k_ref, beta_ref, cum_ref, t_ref, *, settings):
+    k = k_ref[...]
+    dot = _make_dot(settings.kernel_precision(k.dtype), t_ref.dtype)
+    a = delta_chunk.wy_matrix(dot(k, k, trans_b=True), beta_ref[...], cum_ref[...])
+    t_ref[...] = invert_tile(a, dot).astype(t_ref.dtype)
+
+
+def _inverse_call(k, beta, cum, settings):
+    """The Pallas call: one program per chunk over the flattened leading axes."""
+    lead, (chunk, dk) = k.shape[:-2], k.shape[-2:]
+    n = math.prod(lead)
+    t = pl.pallas_call(
+        functools.partial(_inverse_kernel, settings=settings),
+        grid=(n,),
+        in_specs=[pl.BlockSpec((None, chunk, dk), lambda i: (i, 0, 0)),
+                  pl.BlockSpec((None, chunk), lambda i: (i, 0)),
+                  pl.BlockSpec((None, chunk), lambda i: (i, 0))],
+        out_specs=pl.BlockSpec((None, chunk, chunk), lambda i: (i, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((n, chunk, chunk), k.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=settings.num_warps, num_stages=settings.num_stages),
+        interpret=settings.interpret,
+        name="delta_wy_inverse",
+    )(k.reshape(n, chunk, dk), beta.reshape(n, chunk), cum.reshape(n, chunk))
+    return t.reshape(lead + (chunk, chunk))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def inverse(k, beta, cum, settings: Settings):
+    """T = (I + A)^-1 per chunk: k [..., C, dk], beta and cum [..., C] (float32; float64 in interpret mode) ->
+    T [..., C, C] in k's dtype. C a power of two >= 16, dk a power of two >= 16 (Triton's dot tiles).
+    Differentiable in k, beta and cum (custom VJP, module docstring)."""
+    return _inverse_call(k, beta, cum, settings)
+
+
+def _inverse_fwd(k, beta, cum, settings):
+    t = _inverse_call(k, beta, cum, settings)
+    return t, (k, beta, cum, t)
+
+
+def inverse_cotangent(t, t_bar, precision=None):
+    """A_bar = -strict_lower(T^T T_bar T^T) for T = (I + A)^-1, batched over leading axes."""
+    prod = jnp.einsum("...st,...su->...tu", t, t_bar, precision=precision)  # T^T T_bar
+    prod = jnp.einsum("...tu,...vu->...tv", prod, t, precision=precision)  # (T^T T_bar) T^T
+    i = jnp.arange(t.shape[-1])
+    return jnp.where(i[:, None] > i[None, :], -prod, 0.0)
+
+
+def _inverse_bwd(settings, residuals, t_bar):
+    k, beta, cum, t = residuals
+    a_bar = inverse_cotangent(t, t_bar.astype(t.dtype), settings.xla_precision)
+
+    def build_a(k, beta, cum):
+        gram = jnp.einsum("...td,...sd->...ts", k, k, precision=settings.xla_precision)
+        return delta_chunk.wy_matrix(gram, beta, cum)
+
+    _, vjp = jax.vjp(build_a, k, beta, cum)
+    return vjp(a_bar)
+
+
+inverse.defvjp(_inverse_fwd, _inverse_bwd)

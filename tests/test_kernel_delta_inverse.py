@@ -1,0 +1,88 @@
+"""The delta rule's WY inverse kernel (``delta_inverse_gpu``, the Triton build in Pallas' interpreter): T = (I + A)^-1
+per chunk against ``jnp.linalg.inv`` and XLA's triangular solve; its custom VJP against JAX's autodiff of the
+triangular solve, alone and through ``delta_chunk.wy_prepare``. The end-to-end delta rule runs it in
+test_kernel_delta.py (the GPU build's default).
+"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax import lax
+
+from kernels_pallas.linear_recurrent import delta_chunk, delta_inverse_gpu
+from _linear_recurrent_helpers import rel_err
+
+SETTINGS = delta_inverse_gpu.Settings(interpret=True)
+# Everything below is jitted: interpret mode run eagerly dispatches op by op (several times slower).
+
+
+def _kernel_inverse(k, beta, cum):
+    return delta_inverse_gpu.inverse(k, beta, cum, SETTINGS)
+
+
+def _chunks(seed, n, chunk, dk, dtype):
+    """n chunks of unit keys [n, C, dk], beta in (0, 1) and inclusive cumulative log gates [n, C]; the last chunk's
+    gates are strong (~-30 on every other step), so an exp(c_t - c_s) with s > t left unmasked would overflow."""
+    keys = jax.random.split(jax.random.key(seed), 3)
+    k = jax.random.normal(keys[0], (n, chunk, dk))
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    beta = jax.nn.sigmoid(jax.random.normal(keys[1], (n, chunk)))
+    gate = jax.nn.log_sigmoid(jax.random.normal(keys[2], (n, chunk)) + 2.0)
+    gate = gate.at[-1, ::2].add(-30.0)
+    return k.astype(dtype), beta.astype(dtype), jnp.cumsum(gate, axis=-1).astype(dtype)
+
+
+def _unit_lower(k, beta, cum):
+    """I + A in k's dtype, A built as the XLA path builds it."""
+    gram = jnp.einsum("...td,...sd->...ts", k, k, precision=lax.Precision.HIGHEST)
+    return jnp.eye(k.shape[-2], dtype=k.dtype) + delta_chunk.wy_matrix(gram, beta, cum)
+
+
+def _solve_inverse(k, beta, cum):
+    """T by XLA's unit lower-triangular solve against the identity (differentiated by JAX's autodiff)."""
+    lower = _unit_lower(k, beta, cum)
+    eye = jnp.broadcast_to(jnp.eye(k.shape[-2], dtype=k.dtype), lower.shape)
+    return lax.linalg.triangular_solve(lower, eye, left_side=True, lower=True, unit_diagonal=True)
+
+
+@pytest.mark.parametrize("chunk,dtype", [(16, jnp.float32), (64, jnp.float32), (64, jnp.float64)])
+def test_inverse_matches_inv_and_triangular_solve(chunk, dtype):
+    # 64 = four 16-row diagonal blocks: substitution inside them, three merge steps across them.
+    k, beta, cum = _chunks(0, 2, chunk, 16, dtype)
+    t = jax.jit(_kernel_inverse)(k, beta, cum)
+    want = jnp.linalg.inv(_unit_lower(*(x.astype(jnp.float64) for x in (k, beta, cum))))
+    tol = 1e-6 if dtype == jnp.float32 else 1e-13
+    assert t.dtype == dtype and t.shape == (2, chunk, chunk)
+    assert jnp.all(jnp.isfinite(t))
+    assert rel_err(t, want) < tol
+    assert rel_err(t, jax.jit(_solve_inverse)(k, beta, cum)) < tol
+
+
+def test_inverse_vjp_matches_autodiff_of_triangular_solve():
+    k, beta, cum = _chunks(1, 2, 32, 16, jnp.float64)
+    t_bar = jax.random.normal(jax.random.key(2), (2, 32, 32), jnp.float64)
+    grads = jax.jit(jax.grad(lambda *a: jnp.sum(_kernel_inverse(*a) * t_bar), argnums=(0, 1, 2)))
+    want = jax.jit(jax.grad(lambda *a: jnp.sum(_solve_inverse(*a) * t_bar), argnums=(0, 1, 2)))
+    for name, g, w in zip(("k", "beta", "cum"), grads(k, beta, cum), want(k, beta, cum)):
+        assert rel_err(g, w) < 1e-12, name
+
+
+def test_wy_prepare_with_the_kernel_matches_the_triangular_solve_path():
+    # [b, h, n, C, d] chunks as delta_ops passes them; values and the gradients of k, v, beta, cum.
+    k, beta, cum = (x.reshape((1, 1) + x.shape) for x in _chunks(3, 2, 64, 16, jnp.float64))
+    keys = jax.random.split(jax.random.key(4), 4)
+    v = jax.random.normal(keys[0], k.shape[:-1] + (32,), jnp.float64)
+
+    def explicit(*args):
+        return delta_chunk.wy_prepare(*args, inverse=_kernel_inverse, precision=lax.Precision.HIGHEST)
+
+    def values_and_gradients(fn, cotangents):
+        outs, vjp = jax.vjp(fn, k, v, beta, cum)
+        return outs, vjp(cotangents)
+
+    shapes = (k.shape[:-1] + (32,), k.shape, k.shape)  # u0, w, k_out
+    cotangents = tuple(jax.random.normal(key, shape, k.dtype) for key, shape in zip(keys[1:], shapes))
+    outs, grads = jax.jit(lambda c: values_and_gradients(explicit, c))(cotangents)
+    want, want_grads = jax.jit(lambda c: values_and_gradients(delta_chunk.wy_prepare, c))(cotangents)
+    for name, got, ref in zip(("u0", "w", "k_out", "dk", "dv", "dbeta", "dcum"), outs + grads, want + want_grads):
+        assert rel_err(got, ref) < 1e-12, name
