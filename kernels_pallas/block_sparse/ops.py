@@ -55,6 +55,8 @@ class _Static:
     fine: str | None = None  # element mask besides causal / segments: None, "tags", "bits" or "window2d"
     bits_block: int = 0  # keys per bit of the "bits" mask (the layout's key block)
     window: tuple[int, int, int, int] | None = None  # (kh, kw, dh, dw) of the "window2d" mask
+    mosaic_blocks: Any = None  # sliding_window.mosaic_gpu_forward.MosaicBlocks, for backend "mosaic_gpu"
+    mosaic_backward: Any = None  # sliding_window.mosaic_gpu_backward.MosaicBackwardBlocks: Mosaic GPU backward
 
 
 def _kernels(backend):
@@ -62,9 +64,26 @@ def _kernels(backend):
         from kernels_pallas.block_sparse import gpu_backward, gpu_forward
 
         return gpu_forward.forward, gpu_backward.backward
+    if backend == "mosaic_gpu":  # Mosaic GPU forward; the Triton backward reads its base-2 lse
+        from kernels_pallas.block_sparse import gpu_backward
+
+        return _mosaic_gpu_forward, gpu_backward.backward
     from kernels_pallas.block_sparse import tpu_backward, tpu_forward
 
     return tpu_forward.forward, tpu_backward.backward
+
+
+def _mosaic_gpu_forward(q, k, v, seg_q, seg_k, fine_q, fine_k, row_tables, *, st):
+    from kernels_pallas.block_sparse import mosaic_gpu_forward
+
+    del seg_q, seg_k, fine_q, fine_k  # refused by the argument checks
+    interpret = st.interpret
+    if interpret is True:
+        from jax.experimental.pallas import mosaic_gpu as plgpu
+
+        interpret = plgpu.InterpretGPUParams()
+    return mosaic_gpu_forward.forward(q, k, v, row_tables, scale=st.scale, causal_offset=st.causal_offset,
+                                      blocks=st.mosaic_blocks, interpret=interpret or None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11))
@@ -84,6 +103,13 @@ def _backward(st_fwd, st_bwd, residuals, dout):
     _, backward = _kernels(st_bwd.backend)
     # delta_i = sum_j p_ij dp_ij = out_i . dout_i: one elementwise pass, [b, s, h] -> [b, h, s].
     delta = jnp.einsum("bshd,bshd->bhs", out.astype(lse.dtype), dout.astype(lse.dtype))
+    if st_bwd.mosaic_backward is not None:  # opt-in: Mosaic GPU dq and dk/dv passes over their own tables
+        from kernels_pallas.block_sparse import mosaic_gpu_backward
+
+        dq, dk, dv = mosaic_gpu_backward.backward(
+            q, k, v, dout, lse, delta, row_bwd, col_bwd, scale=st_bwd.scale, causal_offset=st_bwd.causal_offset,
+            blocks=st_bwd.mosaic_backward, interpret=st_bwd.interpret)
+        return dq, dk, dv, None, None, None, None, None, None, None
     dq, dk, dv = backward(q, k, v, seg_q, seg_k, fine_q, fine_k, row_bwd, col_bwd, dout, lse, delta, st=st_bwd)
     return dq, dk, dv, None, None, None, None, None, None, None
 
@@ -232,6 +258,52 @@ def _tile(tile, block, name):
     return tile
 
 
+def _mosaic_gpu_blocks(mosaic_blocks, mosaic_gpu, dtype, head_dim, segment_ids, fine, q_block, kv_block):
+    """The Mosaic GPU forward's tiles (None for the other backends), after its argument checks: its row tables
+    are over tiles of ``rows_per_program`` queries by ``block_k`` keys, which must divide the layout's blocks."""
+    if not mosaic_gpu:
+        if mosaic_blocks is not None:
+            raise ValueError("mosaic_blocks is only used with backend='mosaic_gpu'")
+        return None
+    from kernels_pallas.block_sparse import mosaic_gpu_forward
+    from kernels_pallas.sliding_window.mosaic_gpu_forward import MosaicBlocks
+
+    mosaic_gpu_forward.check_supported(dtype, head_dim, segment_ids, fine)
+    if mosaic_blocks is None:
+        mosaic_blocks = mosaic_gpu_forward.DEFAULT_BLOCKS
+    if not isinstance(mosaic_blocks, MosaicBlocks):
+        raise ValueError(f"mosaic_blocks must be a MosaicBlocks or None, got {type(mosaic_blocks).__name__}")
+    mosaic_blocks.validate()
+    rows, keys = mosaic_blocks.rows_per_program, mosaic_blocks.block_k
+    if q_block % rows or kv_block % keys:
+        raise ValueError(f"backend='mosaic_gpu' needs block_size ({q_block}, {kv_block}) to be multiples of "
+                         f"mosaic_blocks' {rows} rows per program (block_q x compute_wgs) and block_k={keys}")
+    return mosaic_blocks
+
+
+def _mosaic_backward_blocks(mosaic_backward, mosaic_gpu, q_block, kv_block):
+    """The Mosaic GPU backward's tiles, or None for the Triton backward (the default)."""
+    if mosaic_backward is False or mosaic_backward is None:
+        return None
+    if not mosaic_gpu:
+        raise ValueError("mosaic_backward needs backend='mosaic_gpu'")
+    from kernels_pallas.sliding_window import mosaic_gpu_backward
+
+    if mosaic_backward is True:
+        mosaic_backward = mosaic_gpu_backward.DEFAULT_BACKWARD_BLOCKS
+    if not isinstance(mosaic_backward, mosaic_gpu_backward.MosaicBackwardBlocks):
+        raise ValueError(f"mosaic_backward must be a bool or a MosaicBackwardBlocks, "
+                         f"got {type(mosaic_backward).__name__}")
+    mosaic_backward.validate()
+    if not mosaic_backward.mosaic_dq:
+        raise ValueError("mosaic_backward.mosaic_dq=False (a Triton dq pass) is not supported for block_sparse")
+    rows, keys = mosaic_backward.rows_per_program, mosaic_backward.keys_per_program
+    if q_block % rows or kv_block % keys:
+        raise ValueError(f"mosaic_backward needs block_size ({q_block}, {kv_block}) to be multiples of its {rows} "
+                         f"query rows (block_q x compute_wgs) and {keys} keys (block_k x compute_wgs) per program")
+    return mosaic_backward
+
+
 def block_sparse_attention(
     q,
     k,
@@ -249,6 +321,8 @@ def block_sparse_attention(
     tiles: Tiles | None = None,
     backend: str | None = None,
     interpret=False,
+    mosaic_blocks=None,
+    mosaic_backward=False,
 ):
     """Softmax attention restricted to the kept (query block, key block) pairs of a boolean ``layout``.
 
@@ -273,8 +347,14 @@ def block_sparse_attention(
     ``tiles``: kernel tiles and launch settings (``Tiles``); None: the layout's blocks in interpret mode and on
     TPU, ``Tiles()`` capped by the blocks on GPU.
     Layout [batch, seq, heads, head_dim]; k/v may have fewer heads (GQA/MQA), never repeated in memory.
-    ``backend``: "triton" (GPU), "mosaic_tpu" (TPU) or None (from the default device); ``interpret=True`` runs
-    Pallas' interpreter (on the CPU; for the TPU kernel it may be a ``pltpu.InterpretParams``).
+    ``backend``: "triton" (GPU), "mosaic_tpu" (TPU), "mosaic_gpu" (opt-in, Hopper: the Mosaic GPU forward with
+    the Triton backward; bf16/fp16, head_dim <= 128, causal but no segment ids, tags, key_block_bits or
+    window2d; tiles from ``mosaic_blocks``, a ``sliding_window.mosaic_gpu_forward.MosaicBlocks`` whose rows per
+    program and block_k divide the blocks) or None (from the default device: never "mosaic_gpu", unmeasured).
+    ``mosaic_backward``: with backend "mosaic_gpu", True or a ``sliding_window.mosaic_gpu_backward.
+    MosaicBackwardBlocks`` takes the Mosaic GPU dq and dk/dv passes too (opt-in); False: the Triton backward.
+    ``interpret=True`` runs Pallas' interpreter (on the CPU; for the TPU kernel it may be a
+    ``pltpu.InterpretParams``).
 
     Papers: "Flex Attention: A Programming Model for Generating Optimized Attention Kernels";
     "Generating Long Sequences with Sparse Transformers"; for window2d "Neighborhood Attention Transformer".
@@ -304,7 +384,11 @@ def block_sparse_attention(
     seg_q, seg_k = _segment_pair(segment_ids, batch, q_len, kv_len)
     fine, fine_q, fine_k, window = _fine_mask(tags, key_block_bits, window2d, batch, heads, q_len, kv_len,
                                               kv_len // kv_block)
-    backend = resolve_backend(backend, interpret)
+    mosaic_gpu = backend == "mosaic_gpu"
+    backend = "triton" if mosaic_gpu else resolve_backend(backend, interpret)  # Triton: the backward
+    mosaic_gpu_blocks = _mosaic_gpu_blocks(mosaic_blocks, mosaic_gpu, q.dtype, head_dim, seg_q, fine, q_block,
+                                           kv_block)
+    mosaic_bwd_blocks = _mosaic_backward_blocks(mosaic_backward, mosaic_gpu, q_block, kv_block)
     if backend == "mosaic_tpu" and interpret is True:
         from jax.experimental.pallas import tpu as pltpu
 
@@ -330,20 +414,34 @@ def block_sparse_attention(
     max_row = _max_blocks(max_blocks_per_row, "max_blocks_per_row", kept, -1, kv_blocks)
     common = dict(causal_offset=causal_offset, element_mask=seg_q is not None or fine is not None, heads=heads,
                   max_row=max_row)
+    if mosaic_gpu_blocks is not None:  # its row tables are over its own tiles
+        tq, tk = mosaic_gpu_blocks.rows_per_program, mosaic_gpu_blocks.block_k
     row_fwd, max_row_fwd = block_tables(layout, q_tile=tq, kv_tile=tk, repeat_q=q_block // tq,
                                         repeat_kv=kv_block // tk, columns=False, **common)
-    row_bwd, max_row_bwd, col_bwd, max_col_bwd = block_tables(
-        layout, q_tile=tq_bwd, kv_tile=tk_bwd, repeat_q=q_block // tq_bwd, repeat_kv=kv_block // tk_bwd,
-        columns=True, **common)
+    if mosaic_bwd_blocks is None:
+        row_bwd, max_row_bwd, col_bwd, max_col_bwd = block_tables(
+            layout, q_tile=tq_bwd, kv_tile=tk_bwd, repeat_q=q_block // tq_bwd, repeat_kv=kv_block // tk_bwd,
+            columns=True, **common)
+    else:  # dq: rows over its super-tiles of queries; dk/dv: columns over its super-tiles of keys
+        rows_q, keys = mosaic_bwd_blocks.rows_per_program, mosaic_bwd_blocks.keys_per_program
+        tq_bwd, tk_bwd = mosaic_bwd_blocks.block_q, mosaic_bwd_blocks.block_k
+        row_bwd, max_row_bwd = block_tables(layout, q_tile=rows_q, kv_tile=tk_bwd, repeat_q=q_block // rows_q,
+                                            repeat_kv=kv_block // tk_bwd, columns=False, **common)
+        _, _, col_bwd, max_col_bwd = block_tables(layout, q_tile=tq_bwd, kv_tile=keys, repeat_q=q_block // tq_bwd,
+                                                  repeat_kv=kv_block // keys, columns=True, **common)
 
-    # Triton loads power-of-two shapes: pad head_dim with zeros (changes no product).
+    # Triton loads power-of-two shapes: pad head_dim with zeros (changes no product); the Mosaic forward's
+    # 128-byte swizzled rows take 64 or 128 columns.
     dim_pad = max(16, 1 << (head_dim - 1).bit_length()) if backend == "triton" else head_dim
+    if mosaic_gpu_blocks is not None:
+        dim_pad = max(64, dim_pad)
     if dim_pad != head_dim:
         pad = ((0, 0), (0, 0), (0, 0), (0, dim_pad - head_dim))
         q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
-    st_fwd = _Static(scale, causal_offset, tq, tk, backend, interpret, max_row_fwd, 0, tiles.num_warps,
-                     tiles.num_stages, fine, kv_block, window)
+    st_fwd = _Static(scale, causal_offset, tq, tk, "mosaic_gpu" if mosaic_gpu else backend, interpret, max_row_fwd,
+                     0, tiles.num_warps, tiles.num_stages, fine, kv_block, window, mosaic_gpu_blocks)
     st_bwd = _Static(scale, causal_offset, tq_bwd, tk_bwd, backend, interpret, max_row_bwd, max_col_bwd,
-                     tiles.num_warps_bwd, tiles.num_stages_bwd, fine, kv_block, window)
+                     tiles.num_warps_bwd, tiles.num_stages_bwd, fine, kv_block, window,
+                     mosaic_backward=mosaic_bwd_blocks)
     out = _attention(q, k, v, seg_q, seg_k, fine_q, fine_k, row_fwd, row_bwd, col_bwd, st_fwd, st_bwd)
     return out[..., :head_dim]
