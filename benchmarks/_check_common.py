@@ -1,10 +1,15 @@
-"""What the GPU check scripts of the linear-recurrent kernels (check_gla_kernel, check_delta_kernel) share: a log
-that also goes to a file, error lines against a reference, and time-boxed forward / forward+backward timings."""
+"""What the GPU check scripts share. Linear-recurrent kernels (check_gla_kernel, check_delta_kernel): a log that
+also goes to a file, error lines against a reference, time-boxed forward / forward+backward timings. Mosaic GPU
+attention kernels (check_sliding_window_mgpu, check_block_sparse_mgpu): ``Report`` (log, JSON report, budget),
+``rel_err``, ``attention_inputs``, ``jit_fwd_bwd``."""
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import time
+import traceback
 
 import jax
 import jax.numpy as jnp
@@ -68,3 +73,67 @@ def outputs_and_gradients(fn, args, cotangents):
     """(outputs..., gradients of every argument...) of the jitted ``fn(*args)`` for the outputs' ``cotangents``."""
     outs, vjp = jax.vjp(jax.jit(fn), *args)
     return tuple(outs) + tuple(jax.jit(vjp)(cotangents))
+
+
+class Report:
+    """A check script's log lines and JSON report (``data``: checks, timings, meta), written to
+    ``out/name.txt`` and ``out/name.json`` by ``save``, and its time budget from ``start``."""
+
+    def __init__(self, name, budget_s, out):
+        self.name, self.budget_s, self.out = name, budget_s, out
+        self.start = time.perf_counter()
+        self.lines: list[str] = []
+        self.data: dict = dict(checks=[], timings=[])
+
+    def log(self, *parts):
+        line = f"[{time.perf_counter() - self.start:5.1f}s] " + " ".join(str(p) for p in parts)
+        print(line, flush=True)
+        self.lines.append(line)
+
+    def save(self):
+        os.makedirs(self.out, exist_ok=True)
+        self.data["log"] = self.lines
+        with open(os.path.join(self.out, f"{self.name}.json"), "w") as fh:
+            json.dump(self.data, fh, indent=1, default=str)
+        with open(os.path.join(self.out, f"{self.name}.txt"), "w") as fh:
+            fh.write("\n".join(self.lines) + "\n")
+
+    def out_of_time(self, what):
+        """True (and says so) once the budget is spent: the caller skips ``what``."""
+        if time.perf_counter() - self.start > self.budget_s:
+            self.log(f"skipped (budget {self.budget_s:.0f} s): {what}")
+            return True
+        return False
+
+    def report_error(self, what, e):
+        """Logs an exception with the end of its traceback (a lowering or ptxas error is information); returns
+        the message for the report."""
+        text = "".join(traceback.format_exception(e))
+        self.log(f"ERROR {what}: {type(e).__name__}: {str(e)[:1500]}")
+        print(text[-4000:], flush=True)
+        self.lines.append(text[-4000:])
+        return f"{type(e).__name__}: {str(e)[:3000]}"
+
+
+def rel_err(a, b):
+    """Relative Frobenius error of a against b (inf when a has a non-finite entry)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if not np.all(np.isfinite(a)):
+        return float("inf")
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def attention_inputs(seed, b, s, h, hkv, d, dtype):
+    """q [b, s, h, d], k and v [b, s, hkv, d], dout like q: standard normal in ``dtype``."""
+    kq, kk, kv, kd = jax.random.split(jax.random.key(seed), 4)
+    normal = lambda key, shape: jax.random.normal(key, shape, jnp.float32).astype(dtype)
+    return normal(kq, (b, s, h, d)), normal(kk, (b, s, hkv, d)), normal(kv, (b, s, hkv, d)), normal(kd, (b, s, h, d))
+
+
+def jit_fwd_bwd(f):
+    """jit of (q, k, v, dout) -> (f(q, k, v), its VJP of dout)."""
+    def run(q, k, v, dout):
+        out, vjp = jax.vjp(f, q, k, v)
+        return out, vjp(dout)
+
+    return jax.jit(run)

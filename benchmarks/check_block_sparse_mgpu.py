@@ -28,7 +28,6 @@ import os
 import statistics
 import sys
 import time
-import traceback
 
 import jax
 import jax.numpy as jnp
@@ -40,14 +39,15 @@ from kernels_pallas.sliding_window.mosaic_gpu_backward import MosaicBackwardBloc
 from kernels_pallas.sliding_window.mosaic_gpu_forward import MosaicBlocks
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _check_common as common  # noqa: E402
 import block_sparse as bs  # noqa: E402  (the issue's layouts, flex_attention runner, visible pairs)
 
-START = time.perf_counter()
-BUDGET_S = float(os.environ.get("BSM_BUDGET_S", "480"))
 OUT = os.environ.get("OUT", "/tmp")
+RUN = common.Report("check_block_sparse_mgpu", float(os.environ.get("BSM_BUDGET_S", "480")), OUT)
 SMOKE = bool(os.environ.get("BSM_SMOKE"))
-LOG: list[str] = []
-REPORT: dict = dict(checks=[], timings=[])
+BUDGET_S, REPORT = RUN.budget_s, RUN.data
+log, save, out_of_time, report_error = RUN.log, RUN.save, RUN.out_of_time, RUN.report_error
+rel_err, inputs, fwd_bwd = common.rel_err, common.attention_inputs, common.jit_fwd_bwd
 
 # Forward tilings; rows per program (block_q x compute_wgs) and block_k must divide the 128-blocks.
 VARIANTS = {
@@ -75,57 +75,6 @@ def mosaic_kwargs(name):
     fwd, _, bwd = name.partition("+")
     return dict(backend="mosaic_gpu", mosaic_blocks=VARIANTS[fwd],
                 mosaic_backward=BWD_VARIANTS[bwd] if bwd else False)
-
-
-def log(*parts):
-    line = f"[{time.perf_counter() - START:5.1f}s] " + " ".join(str(p) for p in parts)
-    print(line, flush=True)
-    LOG.append(line)
-
-
-def save():
-    os.makedirs(OUT, exist_ok=True)
-    REPORT["log"] = LOG
-    with open(os.path.join(OUT, "check_block_sparse_mgpu.json"), "w") as fh:
-        json.dump(REPORT, fh, indent=1, default=str)
-    with open(os.path.join(OUT, "check_block_sparse_mgpu.txt"), "w") as fh:
-        fh.write("\n".join(LOG) + "\n")
-
-
-def out_of_time(what):
-    if time.perf_counter() - START > BUDGET_S:
-        log(f"skipped (budget {BUDGET_S:.0f} s): {what}")
-        return True
-    return False
-
-
-def report_error(what, e):
-    text = "".join(traceback.format_exception(e))
-    log(f"ERROR {what}: {type(e).__name__}: {str(e)[:1500]}")
-    print(text[-4000:], flush=True)
-    LOG.append(text[-4000:])
-    return f"{type(e).__name__}: {str(e)[:3000]}"
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if not np.all(np.isfinite(a)):
-        return float("inf")
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
-def inputs(seed, b, s, h, hkv, d, dtype):
-    kq, kk, kv, kd = jax.random.split(jax.random.key(seed), 4)
-    normal = lambda key, shape: jax.random.normal(key, shape, jnp.float32).astype(dtype)
-    return normal(kq, (b, s, h, d)), normal(kk, (b, s, hkv, d)), normal(kv, (b, s, hkv, d)), normal(kd, (b, s, h, d))
-
-
-def fwd_bwd(f):
-    def run(q, k, v, dout):
-        out, vjp = jax.vjp(f, q, k, v)
-        return out, vjp(dout)
-
-    return jax.jit(run)
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -339,7 +288,7 @@ def main():
                           shape=dict(B=bs.B, S=bs.S, H=bs.H, D=bs.D, block=bs.BLOCK),
                           variants={n: str(b) for n, b in VARIANTS.items()},
                           bwd_variants={n: str(b) for n, b in BWD_VARIANTS.items()}, budget_s=BUDGET_S,
-                          flex=HAS_TORCH)
+                          flex=HAS_TORCH, commit=os.environ.get("BENCH_COMMIT"))  # the commit the caller exported
     log("meta", json.dumps(REPORT["meta"]))
     default_fb = f"{DEFAULT_FWD}+{DEFAULT_BWD}"
     # 1. Checks first: timings of a kernel that computes the wrong thing would mean nothing.

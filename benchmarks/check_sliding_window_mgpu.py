@@ -26,22 +26,22 @@ import json
 import os
 import statistics
 import time
-import traceback
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import _check_common as common
 from kernels_pallas.sliding_window import band, sliding_window_attention, sliding_window_reference
 from kernels_pallas.sliding_window.mosaic_gpu_backward import MosaicBackwardBlocks
 from kernels_pallas.sliding_window.mosaic_gpu_forward import MosaicBlocks
 
-START = time.perf_counter()
-BUDGET_S = float(os.environ.get("MGPU_BUDGET_S", "70"))
 OUT = os.environ.get("OUT", "/tmp")
+RUN = common.Report("check_sliding_window_mgpu", float(os.environ.get("MGPU_BUDGET_S", "70")), OUT)
 SMOKE = bool(os.environ.get("MGPU_SMOKE"))
-LOG: list[str] = []
-REPORT: dict = dict(checks=[], timings=[])
+BUDGET_S, REPORT = RUN.budget_s, RUN.data
+log, save, out_of_time, report_error = RUN.log, RUN.save, RUN.out_of_time, RUN.report_error
+rel_err, inputs, fwd_bwd = common.rel_err, common.attention_inputs, common.jit_fwd_bwd
 
 # Simplest first: one compute warpgroup, 64-key steps, every tile masked (one loop).
 VARIANTS = {
@@ -73,57 +73,6 @@ def mosaic_kwargs(variant):
 
 def is_mosaic(name):
     return name.partition("+")[0] in VARIANTS
-
-
-def log(*parts):
-    line = f"[{time.perf_counter() - START:5.1f}s] " + " ".join(str(p) for p in parts)
-    print(line, flush=True)
-    LOG.append(line)
-
-
-def save():
-    os.makedirs(OUT, exist_ok=True)
-    REPORT["log"] = LOG
-    with open(os.path.join(OUT, "check_sliding_window_mgpu.json"), "w") as fh:
-        json.dump(REPORT, fh, indent=1, default=str)
-    with open(os.path.join(OUT, "check_sliding_window_mgpu.txt"), "w") as fh:
-        fh.write("\n".join(LOG) + "\n")
-
-
-def out_of_time(what):
-    if time.perf_counter() - START > BUDGET_S:
-        log(f"skipped (budget {BUDGET_S:.0f} s): {what}")
-        return True
-    return False
-
-
-def report_error(what, e):
-    text = "".join(traceback.format_exception(e))
-    log(f"ERROR {what}: {type(e).__name__}: {str(e)[:1500]}")
-    print(text[-4000:], flush=True)
-    LOG.append(text[-4000:])
-    return f"{type(e).__name__}: {str(e)[:3000]}"
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if not np.all(np.isfinite(a)):
-        return float("inf")
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
-def inputs(seed, b, s, h, hkv, d, dtype):
-    kq, kk, kv, kd = jax.random.split(jax.random.key(seed), 4)
-    normal = lambda key, shape: jax.random.normal(key, shape, jnp.float32).astype(dtype)
-    return normal(kq, (b, s, h, d)), normal(kk, (b, s, hkv, d)), normal(kv, (b, s, hkv, d)), normal(kd, (b, s, h, d))
-
-
-def fwd_bwd(f):
-    def run(q, k, v, dout):
-        out, vjp = jax.vjp(f, q, k, v)
-        return out, vjp(dout)
-
-    return jax.jit(run)
 
 
 # ------------------------------------------------------------------------------------------------ checks
