@@ -137,3 +137,20 @@ def jit_fwd_bwd(f):
         return out, vjp(dout)
 
     return jax.jit(run)
+
+
+def timed(fn, args, smoke=False):
+    """(first-call seconds incl. compile, median seconds per call after two warm-up calls, calls): at least 5 calls
+    and 0.25 s, at most 100; ``smoke``: one call after the first (a dry run, not a measurement)."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - t0
+    if not smoke:
+        jax.block_until_ready(fn(*args))
+    times, start = [], time.perf_counter()
+    min_calls, min_time, max_iters = (1, 0.0, 1) if smoke else (5, 0.25, 100)
+    while len(times) < min_calls or (time.perf_counter() - start < min_time and len(times) < max_iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return first, statistics.median(times), len(times)

@@ -25,7 +25,6 @@ import datetime
 import importlib.util
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -192,19 +191,7 @@ _INPUTS = {}
 
 
 def timed(fn, args):
-    """(first-call seconds incl. compile, median seconds per call after two warm-ups, calls)."""
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - t0
-    if not SMOKE:
-        jax.block_until_ready(fn(*args))
-    times, start = [], time.perf_counter()
-    min_calls, min_time, max_iters = (1, 0.0, 1) if SMOKE else (5, 0.25, 100)
-    while len(times) < min_calls or (time.perf_counter() - start < min_time and len(times) < max_iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return first, statistics.median(times), len(times)
+    return common.timed(fn, args, smoke=SMOKE)
 
 
 def fwd_flops(case):

@@ -24,7 +24,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import statistics
 import time
 
 import jax
@@ -157,19 +156,8 @@ def check_lse_matches_triton(variant):
 
 
 # ------------------------------------------------------------------------------------------------ timing
-def timed(fn, args, min_time=0.25, max_iters=100, min_calls=5):
-    """(first-call seconds incl. compile, median seconds per call after two warm-ups, calls)."""
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - t0
-    jax.block_until_ready(fn(*args))
-    times = []
-    start = time.perf_counter()
-    while len(times) < min_calls or (time.perf_counter() - start < min_time and len(times) < max_iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return first, statistics.median(times), len(times)
+def timed(fn, args):
+    return common.timed(fn, args, smoke=SMOKE)
 
 
 CASES = {
@@ -213,11 +201,10 @@ def time_one(case, name, mode):
         q, k, v, dout = _INPUTS[case]
         flops = 4.0 * c["b"] * c["h"] * c["s"] * c["w"] * c["d"]
         f = impl(name, c["w"])
-        timed_ = timed if not SMOKE else (lambda fn, args: timed(fn, args, min_time=0.0, max_iters=1, min_calls=1))
         if mode == "fwd":
-            first, sec, n = timed_(jax.jit(f), (q, k, v))
+            first, sec, n = timed(jax.jit(f), (q, k, v))
         else:
-            first, sec, n = timed_(fwd_bwd(f), (q, k, v, dout))
+            first, sec, n = timed(fwd_bwd(f), (q, k, v, dout))
             flops *= 2.5
         row.update(ms=sec * 1e3, tflops=flops / sec / 1e12, calls=n, first_call_s=first)
         log(f"{what} {sec * 1e3:9.3f} ms {row['tflops']:6.1f} TFLOP/s (first call {first:.1f} s, {n} calls)")
