@@ -7,8 +7,10 @@ Run on the GPU machine from the repository root: ``PYTHONPATH=. python benchmark
    (Frobenius) errors.
 2. Where the WY preparation's time goes, at B4 S8192 H16 D128 bf16 (forward and forward+backward, median ms and
    tokens/s): the whole kernel with the new preparation (explicit inverse kernel ``delta_inverse_gpu`` + matmuls,
-   the GPU default); the preparation alone (``delta_chunk.wy_prepare``, new, then old: XLA's triangular solve);
-   the inverse kernel alone (forward); the whole kernel with the old preparation.
+   the GPU default); the whole kernel and the preparation alone with the fused preparation (opt-in
+   ``DeltaConfig.fused_wy``: A, T and T applied in one kernel, ``delta_inverse_gpu.fused_prepare``); the
+   preparation alone (``delta_chunk.wy_prepare``, new, then old: XLA's triangular solve); the inverse kernel alone
+   (forward); the whole kernel with the old preparation.
 3. Forward and forward+backward of the gated delta rule at that shape for a few configs, and XLA's chunked form
    for comparison.
 Everything printed also goes to $OUT/check_delta_kernel.txt ($OUT defaults to /tmp). Time-boxed to
@@ -32,7 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 from attn import _recurrent as r  # noqa: E402
 from benchmarks import _check_common as common  # noqa: E402
 from kernels_pallas.linear_recurrent import delta_chunk, delta_inverse_gpu  # noqa: E402
-from kernels_pallas.linear_recurrent.delta_ops import GPU_DEFAULT, chunked_delta_recurrence, wy_inverse  # noqa: E402
+from kernels_pallas.linear_recurrent.delta_ops import GPU_DEFAULT, chunked_delta_recurrence, wy_options  # noqa: E402
 
 START = time.perf_counter()
 BUDGET_S = float(os.environ.get("DELTA_BUDGET_S", "150"))
@@ -112,12 +114,12 @@ def chunked_inputs(chunk):
 
 def bench_prepare(config, label):
     """Forward and forward+backward (gradients of k, v, beta, cum) of the WY preparation alone with ``config``'s
-    inverse choice, as the bf16 kernel runs it."""
+    choice (triangular solve, inverse kernel, fused kernel), as the bf16 kernel runs it."""
     args = chunked_inputs(config.chunk_size)
-    inverse, precision = wy_inverse(config, "triton", SMOKE, jnp.bfloat16)
+    options = wy_options(config, "triton", SMOKE, jnp.bfloat16)
 
     def prepare(*xs):
-        return delta_chunk.wy_prepare(*xs, inverse=inverse, precision=precision)
+        return delta_chunk.wy_prepare(*xs, **options)
 
     def gradients(cotangents, *xs):
         return jax.vjp(prepare, *xs)[1](cotangents)
@@ -179,9 +181,13 @@ def main():
     chunk = 16 if SMOKE else GPU_DEFAULT.chunk_size  # the interpreter's smallest tile keeps --smoke quick
     default = dataclasses.replace(GPU_DEFAULT, chunk_size=chunk)
     new, old = (dataclasses.replace(default, explicit_inverse=x) for x in (True, False))
+    fused = dataclasses.replace(new, fused_wy=True)
     # Where the WY preparation's time goes (first: the budget stops what is left).
     log(f"config new prep (explicit inverse): {new}")
     bench(kernel_forward(new), "whole kernel, new prep")
+    log(f"config fused WY (opt-in): {fused}")
+    bench(kernel_forward(fused), "whole kernel, fused WY")
+    bench_prepare(fused, "prep alone, fused WY")
     bench_prepare(new, "prep alone, new (inverse kernel + matmuls)")
     bench_prepare(old, "prep alone, old (triangular solve)")
     bench_inverse(new, "inverse kernel alone (tf32)")

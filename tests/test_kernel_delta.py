@@ -109,6 +109,8 @@ BAD_ARGUMENTS = {
     "value block not a power of two": (dict(config=DeltaConfig(chunk_size=16, block_v=12)), "block_v"),
     "explicit WY inverse on TPU": (dict(config=DeltaConfig(chunk_size=16, explicit_inverse=True), backend="mosaic_tpu"),
                                    "explicit_inverse"),
+    "fused WY preparation on TPU": (dict(config=DeltaConfig(chunk_size=16, fused_wy=True), backend="mosaic_tpu"),
+                                    "fused_wy"),
     **helpers.COMMON_BAD_ARGUMENTS,
 }
 

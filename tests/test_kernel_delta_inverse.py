@@ -1,7 +1,8 @@
 """The delta rule's WY inverse kernel (``delta_inverse_gpu``, the Triton build in Pallas' interpreter): T = (I + A)^-1
 per chunk against ``jnp.linalg.inv`` and XLA's triangular solve; its custom VJP against JAX's autodiff of the
 triangular solve, alone and through ``delta_chunk.wy_prepare``. The end-to-end delta rule runs it in
-test_kernel_delta.py (the GPU build's default).
+test_kernel_delta.py (the GPU build's default). The fused variant (``fused_prepare``, ``DeltaConfig.fused_wy``)
+through ``wy_prepare`` against the triangular solve, and end to end against the default GPU build.
 """
 
 import jax
@@ -10,6 +11,7 @@ import pytest
 from jax import lax
 
 from kernels_pallas.linear_recurrent import delta_chunk, delta_inverse_gpu
+from kernels_pallas.linear_recurrent.delta_ops import DeltaConfig, chunked_delta_recurrence
 from _linear_recurrent_helpers import rel_err
 
 SETTINGS = delta_inverse_gpu.Settings(interpret=True)
@@ -86,3 +88,59 @@ def test_wy_prepare_with_the_kernel_matches_the_triangular_solve_path():
     want, want_grads = jax.jit(lambda c: values_and_gradients(delta_chunk.wy_prepare, c))(cotangents)
     for name, got, ref in zip(("u0", "w", "k_out", "dk", "dv", "dbeta", "dcum"), outs + grads, want + want_grads):
         assert rel_err(got, ref) < 1e-12, name
+
+
+def _kernel_fused(k, v, beta, cum):
+    return delta_inverse_gpu.fused_prepare(k, v, beta, cum, delta_inverse_gpu.FusedSettings(interpret=True))
+
+
+def test_fused_prepare_matches_the_triangular_solve_path():
+    # The fused kernel (A, T and T applied in one kernel, DeltaConfig.fused_wy) through wy_prepare: u0, w, k_out and
+    # the gradients of k, v, beta, cum (its custom VJP) against autodiff of the triangular solve, float64, C = 32.
+    k, beta, cum = (x.reshape((1, 1) + x.shape) for x in _chunks(5, 2, 32, 16, jnp.float64))
+    keys = jax.random.split(jax.random.key(6), 4)
+    v = jax.random.normal(keys[0], k.shape[:-1] + (32,), jnp.float64)
+    shapes = (k.shape[:-1] + (32,), k.shape, k.shape)  # u0, w, k_out
+    cotangents = tuple(jax.random.normal(key, shape, k.dtype) for key, shape in zip(keys[1:], shapes))
+
+    def values_and_gradients(fn):
+        outs, vjp = jax.vjp(fn, k, v, beta, cum)
+        return outs, vjp(cotangents)
+
+    fused = lambda *args: delta_chunk.wy_prepare(*args, fused=_kernel_fused)
+    outs, grads = jax.jit(lambda: values_and_gradients(fused))()
+    want, want_grads = jax.jit(lambda: values_and_gradients(delta_chunk.wy_prepare))()
+    for name, got, ref in zip(("u0", "w", "k_out", "dk", "dv", "dbeta", "dcum"), outs + grads, want + want_grads):
+        assert got.dtype == ref.dtype, name
+        assert rel_err(got, ref) < 1e-12, name
+
+
+def test_fused_wy_end_to_end_matches_the_default_gpu_build():
+    # chunked_delta_recurrence with DeltaConfig(fused_wy=True) against the GPU build's default (inverse kernel +
+    # XLA matmuls), float64: output, final state and every gradient. Gated, dk 8 / dv 12 padded to 16, 3 chunks.
+    keys = jax.random.split(jax.random.key(7), 8)
+    b, s, h, dk, dv = 1, 37, 2, 8, 12
+    q = jax.random.normal(keys[0], (b, s, h, dk), jnp.float64) * dk**-0.5
+    k = jax.random.normal(keys[1], (b, s, h, dk), jnp.float64)
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    v = jax.random.normal(keys[2], (b, s, h, dv), jnp.float64)
+    beta = jax.nn.sigmoid(jax.random.normal(keys[3], (b, s, h), jnp.float64))
+    gate = jax.nn.log_sigmoid(jax.random.normal(keys[4], (b, s, h), jnp.float64) + 2.0)
+    h0 = jax.random.normal(keys[5], (b, h, dk, dv), jnp.float64)
+    dout = jax.random.normal(keys[6], (b, s, h, dv), jnp.float64)
+    dfinal = jax.random.normal(keys[7], (b, h, dk, dv), jnp.float64)
+
+    def values_and_gradients(fused_wy):
+        def fn(q, k, v, beta, gate, h0):
+            return chunked_delta_recurrence(q, k, v, beta, gate, initial_state=h0, backend="triton", interpret=True,
+                                            config=DeltaConfig(chunk_size=16, block_v=None, fused_wy=fused_wy))
+
+        outs, vjp = jax.vjp(fn, q, k, v, beta, gate, h0)
+        return outs, vjp((dout, dfinal))
+
+    outs, grads = jax.jit(lambda: values_and_gradients(True))()
+    want, want_grads = jax.jit(lambda: values_and_gradients(False))()
+    names = ("out", "final", "dq", "dk", "dv", "dbeta", "dlog_gate", "dh0")
+    for name, got, ref in zip(names, outs + grads, want + want_grads):
+        assert got.dtype == ref.dtype and got.shape == ref.shape, name
+        assert rel_err(got, ref) < 1e-10, name

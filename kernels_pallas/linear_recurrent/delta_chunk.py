@@ -50,7 +50,7 @@ def wy_matrix(gram, beta, cum):
     return beta[..., :, None] * decay_matrix(cum, inclusive=False) * gram
 
 
-def wy_prepare(k, v, beta, cum, inverse=None, precision=None):
+def wy_prepare(k, v, beta, cum, inverse=None, precision=None, fused=None):
     """The state-independent parts of every chunk.
 
     k [b, h, n, C, dk], v [b, h, n, C, dv], beta and cum [b, h, n, C] (all in the accumulation dtype) ->
@@ -61,8 +61,14 @@ def wy_prepare(k, v, beta, cum, inverse=None, precision=None):
     JAX's autodiff of it), what the TPU build runs. Else a function (k, beta, cum) -> T = (I + A)^-1 [.., C, C]
     with its own VJP (``delta_inverse_gpu.inverse``, the GPU build), applied with two batched matmuls at
     ``precision``: u0 = T diag(beta) V, w = T diag(beta exp(c)) K (fla's layout).
+
+    ``fused``: a function (k, v, beta, cum) -> (u0, w) with its own VJP that does all of it in one kernel
+    (``delta_inverse_gpu.fused_prepare``, opt-in on the GPU build; u0 and w in its own output dtype, q's there);
+    ``inverse`` and ``precision`` are then unused.
     """
     k_out = k * jnp.exp(cum[..., -1:] - cum)[..., None]
+    if fused is not None:
+        return fused(k, v, beta, cum) + (k_out,)
     v_in = beta[..., None] * v
     k_in = (beta * jnp.exp(cum))[..., None] * k
     if inverse is not None:

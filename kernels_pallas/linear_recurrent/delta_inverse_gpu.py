@@ -36,6 +36,11 @@ Backward (``jax.custom_vjp``, plain JAX): T = (I + A)^-1 gives dT = -T dA T, so 
 (only A's strictly lower entries are free), then the VJP of ``wy_matrix`` (recomputed in XLA) takes A_bar to k,
 beta and c. Two batched [C, C] matmuls and the Gram matrix's two: no triangular solve.
 
+Fused variant (opt-in, ``DeltaConfig.fused_wy``, not yet measured on a GPU): ``fused_prepare`` forms A, inverts
+it (``invert_tile``) and applies T in the same program, two more dots: it writes u0 [C, dv] and w [C, dk] (in q's
+dtype when ``delta_ops`` calls it) instead of T, so T's round trip through memory and the two XLA matmuls go. Its
+backward is in plain JAX too (``fused_prepare``'s docstring); T is then written as the backward's residual.
+
 Precision: true float32 (float64 in interpret mode) in Pallas' interpreter (the CPU has no TF32). On the GPU the
 dots run as 3-pass TF32 (float32-accurate, tensor cores), or 1-pass TF32 with ``tf32=True``: the GPU build asks
 for it when w and u0 are rounded to bf16/f16 right after (TF32 keeps 11 bits, they keep 8 or 11; bf16 keys are
@@ -183,3 +188,96 @@ def _inverse_bwd(settings, residuals, t_bar):
 
 
 inverse.defvjp(_inverse_fwd, _inverse_bwd)
+
+
+# The fused variant (opt-in, ``DeltaConfig.fused_wy``): T applied in the kernel.
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedSettings(Settings):
+    """``Settings`` plus out_dtype: the dtype name of u0 and w (None: k's). ``delta_ops`` passes q's dtype, what it
+    casts them to right after, so the kernel writes 16-bit values for bf16/f16 inputs (half the bytes)."""
+
+    out_dtype: str | None = None
+
+
+def _fused_kernel(k_ref, v_ref, beta_ref, cum_ref, u0_ref, w_ref, *t_ref, settings):
+    k, beta, cum = k_ref[...], beta_ref[...], cum_ref[...]
+    dot = _make_dot(settings.kernel_precision(k.dtype), k.dtype)
+    t = invert_tile(delta_chunk.wy_matrix(dot(k, k, trans_b=True), beta, cum), dot)
+    u0_ref[...] = dot(t, beta[:, None] * v_ref[...]).astype(u0_ref.dtype)
+    w_ref[...] = dot(t, (beta * jnp.exp(cum))[:, None] * k).astype(w_ref.dtype)  # cum <= 0: exp(cum) <= 1
+    if t_ref:  # only under differentiation: T is the backward's residual
+        t_ref[0][...] = t.astype(t_ref[0].dtype)
+
+
+def _fused_call(k, v, beta, cum, settings, with_t):
+    """The Pallas call: one program per chunk; (u0, w) or (u0, w, T)."""
+    lead, (chunk, dk), dv = k.shape[:-2], k.shape[-2:], v.shape[-1]
+    n = math.prod(lead)
+    out_dtype = k.dtype if settings.out_dtype is None else jnp.dtype(settings.out_dtype)
+    out_specs = [pl.BlockSpec((None, chunk, dv), lambda i: (i, 0, 0)),
+                 pl.BlockSpec((None, chunk, dk), lambda i: (i, 0, 0))]
+    out_shape = [jax.ShapeDtypeStruct((n, chunk, dv), out_dtype), jax.ShapeDtypeStruct((n, chunk, dk), out_dtype)]
+    if with_t:
+        out_specs.append(pl.BlockSpec((None, chunk, chunk), lambda i: (i, 0, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((n, chunk, chunk), k.dtype))
+    outs = pl.pallas_call(
+        functools.partial(_fused_kernel, settings=settings),
+        grid=(n,),
+        in_specs=[pl.BlockSpec((None, chunk, dk), lambda i: (i, 0, 0)),
+                  pl.BlockSpec((None, chunk, dv), lambda i: (i, 0, 0)),
+                  pl.BlockSpec((None, chunk), lambda i: (i, 0)),
+                  pl.BlockSpec((None, chunk), lambda i: (i, 0))],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=settings.num_warps, num_stages=settings.num_stages),
+        interpret=settings.interpret,
+        name="delta_wy_fused",
+    )(k.reshape(n, chunk, dk), v.reshape(n, chunk, dv), beta.reshape(n, chunk), cum.reshape(n, chunk))
+    return tuple(x.reshape(lead + x.shape[1:]) for x in outs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def fused_prepare(k, v, beta, cum, settings: FusedSettings):
+    """(u0, w) = (T diag(beta) V, T diag(beta exp(c)) K) per chunk, T = (I + A)^-1 formed, inverted and applied in
+    registers (T never goes through memory in the forward alone): k [..., C, dk], v [..., C, dv], beta and cum
+    [..., C] (float32; float64 in interpret mode) -> u0 [..., C, dv], w [..., C, dk] in ``settings.out_dtype``.
+    C, dk and dv powers of two >= 16 (Triton's dot tiles).
+
+    Backward (custom VJP, plain JAX, matmuls only): with x_v = diag(beta) V, x_k = diag(beta exp(c)) K,
+    u0 = T x_v and w = T x_k give
+
+      T_bar = u0_bar x_v^T + w_bar x_k^T,   [x_v_bar | x_k_bar] = T^T [u0_bar | w_bar],
+      A_bar = -strict_lower(T^T T_bar T^T)  (``inverse_cotangent``),
+
+    then the VJP of (A, x_v, x_k)'s formulas (``delta_chunk.wy_matrix``, recomputed in XLA) takes them to k, v, beta
+    and cum. T is stored by the forward under differentiation (one [C, C] write per chunk) rather than recomputed
+    in the backward: recomputing would re-read k and redo the Gram dot and the inversion's C/16 + 1 dots per chunk,
+    for a write a quarter of u0's and w's at C = 64, dk = dv = 128.
+    """
+    return _fused_call(k, v, beta, cum, settings, with_t=False)
+
+
+def _fused_fwd(k, v, beta, cum, settings):
+    u0, w, t = _fused_call(k, v, beta, cum, settings, with_t=True)
+    return (u0, w), (k, v, beta, cum, t)
+
+
+def _fused_bwd(settings, residuals, cotangents):
+    k, v, beta, cum, t = residuals
+    u0_bar, w_bar = (x.astype(t.dtype) for x in cotangents)
+    precision = settings.xla_precision
+
+    def build(k, v, beta, cum):  # (A, x_v, x_k) as the kernel forms them
+        gram = jnp.einsum("...td,...sd->...ts", k, k, precision=precision)
+        return delta_chunk.wy_matrix(gram, beta, cum), beta[..., None] * v, (beta * jnp.exp(cum))[..., None] * k
+
+    (_, x_v, x_k), vjp = jax.vjp(build, k, v, beta, cum)
+    t_bar = (jnp.einsum("...td,...sd->...ts", u0_bar, x_v, precision=precision)
+             + jnp.einsum("...td,...sd->...ts", w_bar, x_k, precision=precision))
+    x_v_bar, x_k_bar = (jnp.einsum("...st,...sd->...td", t, x, precision=precision) for x in (u0_bar, w_bar))
+    return vjp((inverse_cotangent(t, t_bar, precision), x_v_bar, x_k_bar))
+
+
+fused_prepare.defvjp(_fused_fwd, _fused_bwd)

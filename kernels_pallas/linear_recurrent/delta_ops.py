@@ -6,6 +6,7 @@ Structure (a first version), three steps:
 1. the chunk-parallel WY preparation in plain JAX (``delta_chunk.wy_prepare``, differentiated by JAX's autodiff):
    on the GPU build T = (I + A)^-1 per chunk from a Pallas kernel with a custom VJP (``delta_inverse_gpu``) then two
    matmuls; on the TPU build one XLA triangular solve per chunk (``DeltaConfig.explicit_inverse`` switches);
+   opt-in on the GPU (``DeltaConfig.fused_wy``): one Pallas kernel writing u0 and w (T applied in the kernel);
 2. the SEQUENTIAL state pass across chunks, a Pallas kernel (``delta_gpu`` for Triton, ``delta_tpu`` for Mosaic
    TPU) with a ``jax.custom_vjp`` whose backward is the reverse-time Pallas pass (``dstates``);
 3. the chunk-parallel output step, a Pallas kernel (``delta_output_gpu`` / ``delta_output_tpu``) with its own
@@ -38,6 +39,9 @@ class DeltaConfig:
       num_warps, num_stages: Triton launch settings (ignored on TPU and in interpret mode).
       explicit_inverse: the WY preparation's T = (I + A)^-1 from the Pallas kernel ``delta_inverse_gpu`` (Triton
         only) and two matmuls (True), or XLA's batched triangular solve (False); None = by backend (Triton: True).
+      fused_wy: the whole WY preparation (A, T and T applied: u0, w) in one Pallas kernel,
+        ``delta_inverse_gpu.fused_prepare`` (Triton only; explicit_inverse must not be False). Opt-in: not yet
+        measured on a GPU.
     """
 
     chunk_size: int = 64
@@ -45,6 +49,7 @@ class DeltaConfig:
     num_warps: int = 4
     num_stages: int = 2
     explicit_inverse: bool | None = None
+    fused_wy: bool = False
 
     def validate(self, min_tile: int) -> None:
         """Raises ValueError unless chunk_size and block_v are powers of two >= ``min_tile`` (block_v may be None)."""
@@ -60,6 +65,11 @@ class DeltaConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.explicit_inverse is not None and not isinstance(self.explicit_inverse, bool):
             raise ValueError(f"explicit_inverse must be a bool or None, got {self.explicit_inverse!r}")
+        if not isinstance(self.fused_wy, bool):
+            raise ValueError(f"fused_wy must be a bool, got {self.fused_wy!r}")
+        if self.fused_wy and self.explicit_inverse is False:
+            raise ValueError("fused_wy=True applies the explicit inverse in the kernel: explicit_inverse must be "
+                             "True or None, got False")
 
 
 # GPU (Triton): 64-step chunks, state blocks [dk, 64] in registers (fla's chunk_gated_delta_rule layout; untuned).
@@ -152,6 +162,27 @@ def wy_inverse(config, backend, interpret, dtype):
     return inverse, settings.xla_precision
 
 
+def wy_options(config, backend, interpret, dtype):
+    """Keyword arguments of ``delta_chunk.wy_prepare`` for ``config``: ``fused`` (the fused GPU kernel, u0 and w
+    written in ``dtype``, what the kernels take right after) with ``config.fused_wy``, else ``inverse`` and
+    ``precision`` from ``wy_inverse``."""
+    if not config.fused_wy:
+        inverse, precision = wy_inverse(config, backend, interpret, dtype)
+        return dict(inverse=inverse, precision=precision)
+    if backend != "triton":
+        raise ValueError(f"fused_wy=True needs the Triton backend (a Pallas GPU kernel), got {backend!r}")
+    from kernels_pallas.linear_recurrent import delta_inverse_gpu
+
+    half = jnp.dtype(dtype).itemsize < 4
+    settings = delta_inverse_gpu.FusedSettings(interpret=bool(interpret), tf32=half, num_warps=config.num_warps,
+                                               num_stages=config.num_stages, out_dtype=jnp.dtype(dtype).name)
+
+    def fused(k, v, beta, cum):
+        return delta_inverse_gpu.fused_prepare(k, v, beta, cum, settings)
+
+    return dict(fused=fused)
+
+
 def _to_chunks(x, s_pad, d_pad, chunk, dtype):
     """[b, s, h, d] -> zero-padded heads-first chunks [b, h, n, chunk, d_pad] in ``dtype``; [b, s, h] ->
     [b, h, n, chunk]."""
@@ -221,7 +252,7 @@ def chunked_delta_recurrence(
     beta_c = _to_chunks(beta, s_pad, None, chunk, acc)  # [b, h, n, C]
     gate = jnp.zeros((b, s, h), acc) if log_gate is None else log_gate
     cum = jnp.cumsum(_to_chunks(gate, s_pad, None, chunk, acc), axis=-1)  # inclusive, inside each chunk
-    u0, w, k_out = delta_chunk.wy_prepare(kc, vc, beta_c, cum, *wy_inverse(config, backend, interpret, q.dtype))
+    u0, w, k_out = delta_chunk.wy_prepare(kc, vc, beta_c, cum, **wy_options(config, backend, interpret, q.dtype))
 
     def flat(x):  # [b, h, n, C, d] -> [b, h, s_pad, d] in the kernels' operand dtype
         return x.reshape(b, h, s_pad, x.shape[-1]).astype(q.dtype)
