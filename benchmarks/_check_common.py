@@ -124,7 +124,7 @@ def rel_err(a, b):
 
 
 def attention_inputs(seed, b, s, h, hkv, d, dtype):
-    """q [b, s, h, d], k and v [b, s, hkv, d], dout like q: standard normal in ``dtype``."""
+    """q [b, s, h, d], k and v [b, s, hkv, d], dout like q: standard normal in ``dtype`` (from the int ``seed``)."""
     kq, kk, kv, kd = jax.random.split(jax.random.key(seed), 4)
     normal = lambda key, shape: jax.random.normal(key, shape, jnp.float32).astype(dtype)
     return normal(kq, (b, s, h, d)), normal(kk, (b, s, hkv, d)), normal(kv, (b, s, hkv, d)), normal(kd, (b, s, h, d))

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import _check_common as common
 from kernels_pallas.sliding_window import sliding_window_attention, sliding_window_reference
 from kernels_pallas.sliding_window.config import default_block_sizes
 
@@ -45,30 +46,8 @@ def log(*parts):
     LOG.append(line)
 
 
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if not np.all(np.isfinite(a)):
-        return float("inf")
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
-def inputs(key, b, s, h, hkv, d, dtype):
-    kq, kk, kv, kd = jax.random.split(key, 4)
-    q = jax.random.normal(kq, (b, s, h, d), jnp.float32).astype(dtype)
-    k = jax.random.normal(kk, (b, s, hkv, d), jnp.float32).astype(dtype)
-    v = jax.random.normal(kv, (b, s, hkv, d), jnp.float32).astype(dtype)
-    dout = jax.random.normal(kd, (b, s, h, d), jnp.float32).astype(dtype)
-    return q, k, v, dout
-
-
-def fwd_bwd(f):
-    """f(q, k, v) -> (out, (dq, dk, dv)) for the fixed cotangent dout, jitted."""
-
-    def run(q, k, v, dout):
-        out, vjp = jax.vjp(f, q, k, v)
-        return out, vjp(dout)
-
-    return jax.jit(run)
+# The check scripts' helpers (one home: benchmarks/_check_common.py); block_sparse.py imports them from here.
+rel_err, inputs, fwd_bwd = common.rel_err, common.attention_inputs, common.jit_fwd_bwd
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -86,7 +65,7 @@ CHECKS = [
 def run_checks(blocks_list):
     results = []
     for i, (b, s, h, hkv, d, window, causal, segments, softcap, dtype) in enumerate(CHECKS):
-        q, k, v, dout = inputs(jax.random.key(100 + i), b, s, h, hkv, d, dtype)
+        q, k, v, dout = inputs(100 + i, b, s, h, hkv, d, dtype)
         seg = None
         if segments:
             seg = jnp.asarray(np.sort(np.random.RandomState(i).randint(0, 4, (b, s)), axis=1), jnp.int32)
@@ -153,7 +132,7 @@ def time_case(case, variants, rows, compare=False):
     """Times each (name, f, modes); with ``compare``, the fwd+bwd results of each kernel are checked
     against cuDNN's (the first variant) on the same inputs: relative errors of out, dq, dk, dv."""
     b, s, h, d, w = case["b"], case["s"], case["h"], case["d"], case["w"]
-    q, k, v, dout = inputs(jax.random.key(7), b, s, h, h, d, jnp.bfloat16)
+    q, k, v, dout = inputs(7, b, s, h, h, d, jnp.bfloat16)
     flops_fwd = 4.0 * b * h * s * w * d
     first = None
     for name, f, modes in variants:

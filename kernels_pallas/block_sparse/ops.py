@@ -266,14 +266,10 @@ def _mosaic_gpu_blocks(mosaic_blocks, mosaic_gpu, dtype, head_dim, segment_ids, 
             raise ValueError("mosaic_blocks is only used with backend='mosaic_gpu'")
         return None
     from kernels_pallas.block_sparse import mosaic_gpu_forward
-    from kernels_pallas.sliding_window.mosaic_gpu_forward import MosaicBlocks
+    from kernels_pallas.sliding_window.mosaic_gpu_forward import resolve_blocks
 
     mosaic_gpu_forward.check_supported(dtype, head_dim, segment_ids, fine)
-    if mosaic_blocks is None:
-        mosaic_blocks = mosaic_gpu_forward.DEFAULT_BLOCKS
-    if not isinstance(mosaic_blocks, MosaicBlocks):
-        raise ValueError(f"mosaic_blocks must be a MosaicBlocks or None, got {type(mosaic_blocks).__name__}")
-    mosaic_blocks.validate()
+    mosaic_blocks = resolve_blocks(mosaic_blocks, mosaic_gpu_forward.DEFAULT_BLOCKS)
     rows, keys = mosaic_blocks.rows_per_program, mosaic_blocks.block_k
     if q_block % rows or kv_block % keys:
         raise ValueError(f"backend='mosaic_gpu' needs block_size ({q_block}, {kv_block}) to be multiples of "
@@ -289,12 +285,7 @@ def _mosaic_backward_blocks(mosaic_backward, mosaic_gpu, q_block, kv_block):
         raise ValueError("mosaic_backward needs backend='mosaic_gpu'")
     from kernels_pallas.sliding_window import mosaic_gpu_backward
 
-    if mosaic_backward is True:
-        mosaic_backward = mosaic_gpu_backward.DEFAULT_BACKWARD_BLOCKS
-    if not isinstance(mosaic_backward, mosaic_gpu_backward.MosaicBackwardBlocks):
-        raise ValueError(f"mosaic_backward must be a bool or a MosaicBackwardBlocks, "
-                         f"got {type(mosaic_backward).__name__}")
-    mosaic_backward.validate()
+    mosaic_backward = mosaic_gpu_backward.resolve_blocks(mosaic_backward)
     if not mosaic_backward.mosaic_dq:
         raise ValueError("mosaic_backward.mosaic_dq=False (a Triton dq pass) is not supported for block_sparse")
     rows, keys = mosaic_backward.rows_per_program, mosaic_backward.keys_per_program

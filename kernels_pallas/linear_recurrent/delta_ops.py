@@ -141,6 +141,13 @@ def _output_bwd(st, residuals, dout):
 _output.defvjp(_output_fwd, _output_bwd)
 
 
+def _gpu_settings(settings_type, config, interpret, dtype, **extra):
+    """The GPU WY kernels' settings (``delta_inverse_gpu.Settings`` or ``FusedSettings``): 1-pass TF32 dots for
+    bf16/f16 inputs, whose w and u0 are rounded to 16 bits right after (TF32 keeps 11); 3-pass for float32."""
+    return settings_type(interpret=bool(interpret), tf32=jnp.dtype(dtype).itemsize < 4, num_warps=config.num_warps,
+                         num_stages=config.num_stages, **extra)
+
+
 def wy_inverse(config, backend, interpret, dtype):
     """(inverse, precision) arguments of ``delta_chunk.wy_prepare``: (None, None) for XLA's triangular solve, else
     the GPU inverse kernel and the precision of the matmuls applying T. For bf16/f16 inputs w and u0 are rounded to
@@ -152,9 +159,7 @@ def wy_inverse(config, backend, interpret, dtype):
         raise ValueError(f"explicit_inverse=True needs the Triton backend (a Pallas GPU kernel), got {backend!r}")
     from kernels_pallas.linear_recurrent import delta_inverse_gpu
 
-    half = jnp.dtype(dtype).itemsize < 4
-    settings = delta_inverse_gpu.Settings(interpret=bool(interpret), tf32=half, num_warps=config.num_warps,
-                                          num_stages=config.num_stages)
+    settings = _gpu_settings(delta_inverse_gpu.Settings, config, interpret, dtype)
 
     def inverse(k, beta, cum):
         return delta_inverse_gpu.inverse(k, beta, cum, settings)
@@ -173,9 +178,8 @@ def wy_options(config, backend, interpret, dtype):
         raise ValueError(f"fused_wy=True needs the Triton backend (a Pallas GPU kernel), got {backend!r}")
     from kernels_pallas.linear_recurrent import delta_inverse_gpu
 
-    half = jnp.dtype(dtype).itemsize < 4
-    settings = delta_inverse_gpu.FusedSettings(interpret=bool(interpret), tf32=half, num_warps=config.num_warps,
-                                               num_stages=config.num_stages, out_dtype=jnp.dtype(dtype).name)
+    settings = _gpu_settings(delta_inverse_gpu.FusedSettings, config, interpret, dtype,
+                             out_dtype=jnp.dtype(dtype).name)
 
     def fused(k, v, beta, cum):
         return delta_inverse_gpu.fused_prepare(k, v, beta, cum, settings)

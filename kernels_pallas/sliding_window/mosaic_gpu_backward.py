@@ -86,6 +86,19 @@ class MosaicBackwardBlocks:
 DEFAULT_BACKWARD_BLOCKS = MosaicBackwardBlocks(num_slots=3)
 
 
+def resolve_blocks(mosaic_backward) -> MosaicBackwardBlocks:
+    """The ``mosaic_backward`` argument once the ops have settled that the Mosaic backward runs: True (or None,
+    the default) -> ``DEFAULT_BACKWARD_BLOCKS``, a ``MosaicBackwardBlocks`` -> itself once validated; anything
+    else raises ValueError naming the argument."""
+    if mosaic_backward is True or mosaic_backward is None:
+        return DEFAULT_BACKWARD_BLOCKS
+    if not isinstance(mosaic_backward, MosaicBackwardBlocks):
+        raise ValueError(f"mosaic_backward must be a bool or a MosaicBackwardBlocks, "
+                         f"got {type(mosaic_backward).__name__}")
+    mosaic_backward.validate()
+    return mosaic_backward
+
+
 def program_query_tiles(k_start, keys, block_q, left, right, seq_len):
     """(first, end): the query tiles that the keys [k_start, k_start + keys) of a program meet, which its
     memory warpgroup streams (per query head); ``end >= first`` (empty for keys of padding only)."""

@@ -83,6 +83,17 @@ def check_pipeline(blocks) -> None:
 DEFAULT_BLOCKS = MosaicBlocks(compute_wgs=2, pingpong=True)
 
 
+def resolve_blocks(mosaic_blocks, default: MosaicBlocks) -> MosaicBlocks:
+    """The ``mosaic_blocks`` argument of the ops that take this kernel's tiling: None -> ``default``, a
+    ``MosaicBlocks`` -> itself once validated; anything else raises ValueError naming the argument."""
+    if mosaic_blocks is None:
+        return default
+    if not isinstance(mosaic_blocks, MosaicBlocks):
+        raise ValueError(f"mosaic_blocks must be a MosaicBlocks or None, got {type(mosaic_blocks).__name__}")
+    mosaic_blocks.validate()
+    return mosaic_blocks
+
+
 def _row_vector(value, n):
     return plgpu.layout_cast(jnp.full((n,), value, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
 

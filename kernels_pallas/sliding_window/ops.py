@@ -137,12 +137,7 @@ def _mosaic_gpu_blocks(mosaic_blocks, dtype, head_dim, softcap, segment_ids, mos
     from kernels_pallas.sliding_window import mosaic_gpu_forward
 
     mosaic_gpu_forward.check_supported(dtype, head_dim, softcap, segment_ids)
-    if mosaic_blocks is None:
-        return mosaic_gpu_forward.DEFAULT_BLOCKS
-    if not isinstance(mosaic_blocks, mosaic_gpu_forward.MosaicBlocks):
-        raise ValueError(f"mosaic_blocks must be a MosaicBlocks or None, got {type(mosaic_blocks).__name__}")
-    mosaic_blocks.validate()
-    return mosaic_blocks
+    return mosaic_gpu_forward.resolve_blocks(mosaic_blocks, mosaic_gpu_forward.DEFAULT_BLOCKS)
 
 
 def _mosaic_backward_blocks(mosaic_backward, mosaic_gpu):
@@ -155,13 +150,7 @@ def _mosaic_backward_blocks(mosaic_backward, mosaic_gpu):
         raise ValueError("mosaic_backward needs backend='mosaic_gpu' (or None picking it on a Hopper GPU)")
     from kernels_pallas.sliding_window import mosaic_gpu_backward
 
-    if mosaic_backward is True or mosaic_backward is None:
-        return mosaic_gpu_backward.DEFAULT_BACKWARD_BLOCKS
-    if not isinstance(mosaic_backward, mosaic_gpu_backward.MosaicBackwardBlocks):
-        raise ValueError(f"mosaic_backward must be a bool or a MosaicBackwardBlocks, "
-                         f"got {type(mosaic_backward).__name__}")
-    mosaic_backward.validate()
-    return mosaic_backward
+    return mosaic_gpu_backward.resolve_blocks(mosaic_backward)
 
 
 def sliding_window_attention(
