@@ -6,11 +6,11 @@ Run on the GPU machine from the repository root: ``PYTHONPATH=. python benchmark
    ``attn._recurrent.delta_recurrence`` (chunked, float32 maths on the same inputs); prints max abs and relative
    (Frobenius) errors.
 2. Where the WY preparation's time goes, at B4 S8192 H16 D128 bf16 (forward and forward+backward, median ms and
-   tokens/s): the whole kernel with the new preparation (explicit inverse kernel ``delta_inverse_gpu`` + matmuls,
-   the GPU default); the whole kernel and the preparation alone with the fused preparation (opt-in
-   ``DeltaConfig.fused_wy``: A, T and T applied in one kernel, ``delta_inverse_gpu.fused_prepare``); the
-   preparation alone (``delta_chunk.wy_prepare``, new, then old: XLA's triangular solve); the inverse kernel alone
-   (forward); the whole kernel with the old preparation.
+   tokens/s): the whole kernel with the fused preparation (``DeltaConfig.fused_wy``, the GPU default: A, T and T
+   applied in one kernel, ``delta_inverse_gpu.fused_prepare``) and with the explicit inverse kernel
+   (``delta_inverse_gpu``) + XLA matmuls; the preparation alone (``delta_chunk.wy_prepare``) fused, with the
+   inverse kernel, and with XLA's triangular solve; the inverse kernel alone (forward); the whole kernel with the
+   triangular solve.
 3. Forward and forward+backward of the gated delta rule at that shape for a few configs, and XLA's chunked form
    for comparison.
 Everything printed also goes to $OUT/check_delta_kernel.txt ($OUT defaults to /tmp). Time-boxed to
@@ -180,13 +180,14 @@ def main():
     run_checks(((jnp.bfloat16, True),))
     chunk = 16 if SMOKE else GPU_DEFAULT.chunk_size  # the interpreter's smallest tile keeps --smoke quick
     default = dataclasses.replace(GPU_DEFAULT, chunk_size=chunk)
-    new, old = (dataclasses.replace(default, explicit_inverse=x) for x in (True, False))
-    fused = dataclasses.replace(new, fused_wy=True)
+    fused = dataclasses.replace(default, fused_wy=True)
+    new = dataclasses.replace(default, explicit_inverse=True, fused_wy=False)
+    old = dataclasses.replace(default, explicit_inverse=False)
     # Where the WY preparation's time goes (first: the budget stops what is left).
-    log(f"config new prep (explicit inverse): {new}")
-    bench(kernel_forward(new), "whole kernel, new prep")
-    log(f"config fused WY (opt-in): {fused}")
+    log(f"config fused WY (the default): {fused}")
     bench(kernel_forward(fused), "whole kernel, fused WY")
+    log(f"config new prep (explicit inverse + matmuls): {new}")
+    bench(kernel_forward(new), "whole kernel, new prep")
     bench_prepare(fused, "prep alone, fused WY")
     bench_prepare(new, "prep alone, new (inverse kernel + matmuls)")
     bench_prepare(old, "prep alone, old (triangular solve)")

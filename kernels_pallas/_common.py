@@ -7,6 +7,12 @@ import jax
 BACKENDS = ("triton", "mosaic_tpu")
 
 
+def on_hopper() -> bool:
+    """Whether the default device is a Hopper GPU (compute capability 9.x), where the Mosaic GPU builds run."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
+
+
 def resolve_backend(backend, interpret):
     if backend is None:
         platform = jax.default_backend()

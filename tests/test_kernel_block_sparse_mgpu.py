@@ -1,5 +1,5 @@
-"""The Mosaic GPU (Hopper) block-sparse forward and its opt-in backward, on the CPU: Pallas' GPU interpreter
-and lowering.
+"""The Mosaic GPU (Hopper) block-sparse forward and backward, on the CPU: Pallas' GPU interpreter and lowering,
+and when backend=None picks them.
 
 The interpreter simulates the warpgroups, shared memory, TMA copies and barriers (it raises on a barrier phase
 left unobserved, and would hang on a deadlock), so these tests check the table walk (the shared copy of the
@@ -107,6 +107,38 @@ def test_whole_vjp_lowers_to_three_mosaic_gpu_kernels_on_a_cpu_only_machine():
     f = jax.grad(lambda q, k, v: attend(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2))
     text = jax.jit(f).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 3
+
+
+def test_backend_none_takes_the_mosaic_build_on_hopper_where_it_applies(monkeypatch):
+    """backend=None: the Mosaic GPU forward and backward on a Hopper GPU for 16-bit inputs, head_dim <= 128, no
+    segment ids or fine mask, blocks that its default tiles divide and tables that fit in shared memory."""
+    from kernels_pallas.block_sparse import mosaic_gpu_backward
+
+    fits = lambda **kw: ops._mosaic_gpu_fits(**{**dict(dtype=jnp.bfloat16, head_dim=128, segment_ids=None,
+                                                       fine=None, q_block=128, kv_block=128, q_len=8192,
+                                                       kv_len=8192, groups=1), **kw})
+    monkeypatch.setattr(ops, "on_hopper", lambda: False)
+    assert not fits()
+    monkeypatch.setattr(ops, "on_hopper", lambda: True)
+    assert fits() and fits(dtype=jnp.float16, head_dim=64, q_block=256, groups=8, q_len=32768, kv_len=32768)
+    assert not fits(dtype=jnp.float32)
+    assert not fits(head_dim=256)
+    assert not fits(segment_ids=jnp.zeros((1, 8192), jnp.int32))
+    assert not fits(fine="tags")
+    assert not fits(q_block=64) and not fits(kv_block=64)
+    assert not fits(groups=16, q_len=32768)  # 16 column rows of 1024 entries in one dk/dv program
+    assert ops._mosaic_backward_blocks(None, True, 128, 128) == mosaic_gpu_backward.DEFAULT_BACKWARD_BLOCKS
+    assert ops._mosaic_backward_blocks(None, False, 128, 128) is None
+    assert ops._mosaic_backward_blocks(False, True, 128, 128) is None
+
+
+def test_tables_over_the_shared_memory_budget_raise_value_error():
+    q = jax.ShapeDtypeStruct((1, 32768, 16, 64), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 32768, 1, 64), jnp.bfloat16)
+    layout = np.ones((256, 256), bool)
+    attend = lambda q, k, v: block_sparse_attention(q, k, v, layout, block_size=128, backend="mosaic_gpu")
+    with pytest.raises(ValueError, match="shared memory"):
+        jax.eval_shape(attend, q, kv, kv)
 
 
 BAD = {

@@ -1,8 +1,9 @@
 """The delta rule's WY inverse kernel (``delta_inverse_gpu``, the Triton build in Pallas' interpreter): T = (I + A)^-1
 per chunk against ``jnp.linalg.inv`` and XLA's triangular solve; its custom VJP against JAX's autodiff of the
 triangular solve, alone and through ``delta_chunk.wy_prepare``. The end-to-end delta rule runs it in
-test_kernel_delta.py (the GPU build's default). The fused variant (``fused_prepare``, ``DeltaConfig.fused_wy``)
-through ``wy_prepare`` against the triangular solve, and end to end against the default GPU build.
+test_kernel_delta.py through the fused variant (``fused_prepare``, ``DeltaConfig.fused_wy``, the GPU build's
+default); here the fused variant through ``wy_prepare`` against the triangular solve, and end to end against the
+inverse kernel applied by XLA matmuls (``fused_wy=False``).
 """
 
 import jax
@@ -115,9 +116,9 @@ def test_fused_prepare_matches_the_triangular_solve_path():
         assert rel_err(got, ref) < 1e-12, name
 
 
-def test_fused_wy_end_to_end_matches_the_default_gpu_build():
-    # chunked_delta_recurrence with DeltaConfig(fused_wy=True) against the GPU build's default (inverse kernel +
-    # XLA matmuls), float64: output, final state and every gradient. Gated, dk 8 / dv 12 padded to 16, 3 chunks.
+def test_fused_wy_end_to_end_matches_the_unfused_gpu_build():
+    # chunked_delta_recurrence with DeltaConfig(fused_wy=True) against fused_wy=False (inverse kernel + XLA
+    # matmuls), float64: output, final state and every gradient. Gated, dk 8 / dv 12 padded to 16, 3 chunks.
     keys = jax.random.split(jax.random.key(7), 8)
     b, s, h, dk, dv = 1, 37, 2, 8, 12
     q = jax.random.normal(keys[0], (b, s, h, dk), jnp.float64) * dk**-0.5

@@ -34,8 +34,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels_pallas.block_sparse import tables
-from kernels_pallas.sliding_window.mosaic_gpu_backward import DEFAULT_BACKWARD_BLOCKS, MosaicBackwardBlocks
+from kernels_pallas.sliding_window.mosaic_gpu_backward import MosaicBackwardBlocks
 from kernels_pallas.sliding_window.mosaic_gpu_forward import LOG2E, MEMORY_WG_REGISTERS, _add_product
+
+# H200, B4 S8192 H16 D128 bf16, 128-blocks, forward+backward with the default Mosaic forward (same run, ms):
+# 2 slots 2.430 / 4.723 / 8.589 / 8.637 / 2.725 at random 10 / 25 / 50 %, causal, BigBird; 3 slots (the sliding
+# window's default) 2.542 / 4.817 / 8.870 / 8.638 / 2.824; one compute warpgroup 3.027 / 5.818 / 10.661 / 10.661 /
+# 3.223 (benchmarks/results/check_block_sparse_mgpu_h200.txt).
+DEFAULT_BACKWARD_BLOCKS = MosaicBackwardBlocks(num_slots=2)
 
 # 128-byte swizzled tiles of 8 rows, the layout wgmma reads (as in the forward).
 _TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))

@@ -34,8 +34,11 @@ from kernels_pallas.sliding_window.band import PAD_LSE
 from kernels_pallas.sliding_window.mosaic_gpu_forward import (LOG2E, MEMORY_WG_REGISTERS, MosaicBlocks,
                                                               _add_product, _row_vector)
 
-# Two compute warpgroups of 64 rows taking turns, 128-key steps: the sliding-window kernel's best at long
-# windows on an H200. Its 128-row super-tile and 128-key steps divide the 128-blocks. Unmeasured here.
+# Two compute warpgroups of 64 rows taking turns, 128-key steps; its 128-row super-tile and 128-key steps divide
+# the 128-blocks. H200, B4 S8192 H16 D128 bf16 (same run, ms): 0.712 / 1.247 / 2.157 / 2.224 / 0.761 at
+# random 10 / 25 / 50 %, causal, BigBird; without the turns 0.773 / 1.324 / 2.274 / 2.303 / 0.732, one loop
+# 0.814 / 1.371 / 2.202 / 2.532 / 0.723, one compute warpgroup 0.943 / 1.692 / 3.015 / 2.960 / 0.948
+# (benchmarks/results/check_block_sparse_mgpu_h200.txt).
 DEFAULT_BLOCKS = MosaicBlocks(block_q=64, block_k=128, compute_wgs=2, pingpong=True)
 
 

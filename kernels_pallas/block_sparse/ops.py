@@ -12,10 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from attn import _common as c
-from kernels_pallas._common import resolve_backend
+from kernels_pallas._common import on_hopper, resolve_backend
 from kernels_pallas.block_sparse import tables
 
 MAX_HEAD_DIM = 256
+# The Mosaic GPU kernels copy a program's table rows into shared memory, beside 130-165 KiB of tiles at head_dim
+# 128 (of 227 KiB); 8192 int32 entries (32 KiB) is what they may take.
+MOSAIC_TABLE_ENTRIES = 8192
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,6 +261,31 @@ def _tile(tile, block, name):
     return tile
 
 
+def _mosaic_gpu_fits(dtype, head_dim, segment_ids, fine, q_block, kv_block, q_len, kv_len, groups) -> bool:
+    """Whether backend=None takes the Mosaic GPU build (forward and backward): on a Hopper GPU, for what it
+    supports, with blocks that its default tiles divide and table rows that fit in shared memory even with every
+    block kept. H200, B4 S8192 H16 D128 bf16: forward+backward 1.06-1.20x flex_attention where the Triton build
+    reached 0.84-0.93x (``benchmarks/results/check_block_sparse_mgpu_h200.txt``)."""
+    from kernels_pallas.block_sparse import mosaic_gpu_backward, mosaic_gpu_forward
+
+    if not on_hopper() or segment_ids is not None or fine is not None or head_dim > 128:
+        return False
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return False
+    fwd, bwd = mosaic_gpu_forward.DEFAULT_BLOCKS, mosaic_gpu_backward.DEFAULT_BACKWARD_BLOCKS
+    if q_block % max(fwd.rows_per_program, bwd.rows_per_program) or kv_block % max(fwd.block_k,
+                                                                                   bwd.keys_per_program):
+        return False
+    return _mosaic_table_entries(tables.width(kv_len // bwd.block_k), tables.width(q_len // bwd.block_q),
+                                 groups) <= MOSAIC_TABLE_ENTRIES
+
+
+def _mosaic_table_entries(row_width, col_width, groups) -> int:
+    """int32 entries of shared memory that the Mosaic GPU programs take for their table rows: one row (forward,
+    dq) or one column per query head of the GQA group (dk/dv)."""
+    return max(row_width, col_width * groups)
+
+
 def _mosaic_gpu_blocks(mosaic_blocks, mosaic_gpu, dtype, head_dim, segment_ids, fine, q_block, kv_block):
     """The Mosaic GPU forward's tiles (None for the other backends), after its argument checks: its row tables
     are over tiles of ``rows_per_program`` queries by ``block_k`` keys, which must divide the layout's blocks."""
@@ -278,20 +306,23 @@ def _mosaic_gpu_blocks(mosaic_blocks, mosaic_gpu, dtype, head_dim, segment_ids, 
 
 
 def _mosaic_backward_blocks(mosaic_backward, mosaic_gpu, q_block, kv_block):
-    """The Mosaic GPU backward's tiles, or None for the Triton backward (the default)."""
-    if mosaic_backward is False or mosaic_backward is None:
+    """The Mosaic GPU backward's tiles, or None for the Triton backward. None (the default) takes the Mosaic
+    backward wherever the forward is the Mosaic GPU one."""
+    if mosaic_backward is False or (mosaic_backward is None and not mosaic_gpu):
         return None
     if not mosaic_gpu:
-        raise ValueError("mosaic_backward needs backend='mosaic_gpu'")
-    from kernels_pallas.sliding_window import mosaic_gpu_backward
+        raise ValueError("mosaic_backward needs backend='mosaic_gpu' (or None picking it on a Hopper GPU)")
+    from kernels_pallas.block_sparse import mosaic_gpu_backward
+    from kernels_pallas.sliding_window.mosaic_gpu_backward import resolve_blocks
 
-    mosaic_backward = mosaic_gpu_backward.resolve_blocks(mosaic_backward)
+    mosaic_backward = resolve_blocks(mosaic_backward, mosaic_gpu_backward.DEFAULT_BACKWARD_BLOCKS)
     if not mosaic_backward.mosaic_dq:
         raise ValueError("mosaic_backward.mosaic_dq=False (a Triton dq pass) is not supported for block_sparse")
     rows, keys = mosaic_backward.rows_per_program, mosaic_backward.keys_per_program
     if q_block % rows or kv_block % keys:
         raise ValueError(f"mosaic_backward needs block_size ({q_block}, {kv_block}) to be multiples of its {rows} "
-                         f"query rows (block_q x compute_wgs) and {keys} keys (block_k x compute_wgs) per program")
+                         f"query rows (block_q x compute_wgs) and {keys} keys (block_k x compute_wgs) per program; "
+                         "mosaic_backward=False takes the Triton backward")
     return mosaic_backward
 
 
@@ -313,7 +344,7 @@ def block_sparse_attention(
     backend: str | None = None,
     interpret=False,
     mosaic_blocks=None,
-    mosaic_backward=False,
+    mosaic_backward=None,
 ):
     """Softmax attention restricted to the kept (query block, key block) pairs of a boolean ``layout``.
 
@@ -338,12 +369,15 @@ def block_sparse_attention(
     ``tiles``: kernel tiles and launch settings (``Tiles``); None: the layout's blocks in interpret mode and on
     TPU, ``Tiles()`` capped by the blocks on GPU.
     Layout [batch, seq, heads, head_dim]; k/v may have fewer heads (GQA/MQA), never repeated in memory.
-    ``backend``: "triton" (GPU), "mosaic_tpu" (TPU), "mosaic_gpu" (opt-in, Hopper: the Mosaic GPU forward with
-    the Triton backward; bf16/fp16, head_dim <= 128, causal but no segment ids, tags, key_block_bits or
-    window2d; tiles from ``mosaic_blocks``, a ``sliding_window.mosaic_gpu_forward.MosaicBlocks`` whose rows per
-    program and block_k divide the blocks) or None (from the default device: never "mosaic_gpu", unmeasured).
-    ``mosaic_backward``: with backend "mosaic_gpu", True or a ``sliding_window.mosaic_gpu_backward.
-    MosaicBackwardBlocks`` takes the Mosaic GPU dq and dk/dv passes too (opt-in); False: the Triton backward.
+    ``backend``: "triton" (GPU), "mosaic_tpu" (TPU), "mosaic_gpu" (Hopper: Mosaic GPU forward and backward;
+    bf16/fp16, head_dim <= 128, causal but no segment ids, tags, key_block_bits or window2d; tiles from
+    ``mosaic_blocks``, a ``sliding_window.mosaic_gpu_forward.MosaicBlocks`` whose rows per program and block_k
+    divide the blocks; table rows of at most ``MOSAIC_TABLE_ENTRIES``) or None (from the default device:
+    "mosaic_gpu" on a Hopper GPU where it applies with its default tiles (blocks multiples of 128) and even a
+    full layout's tables fit, else "triton" on a GPU, "mosaic_tpu" on a TPU).
+    ``mosaic_backward``: with the Mosaic GPU forward, None (default) or True takes the Mosaic GPU dq and dk/dv
+    passes with their default tiles, a ``sliding_window.mosaic_gpu_backward.MosaicBackwardBlocks`` with those;
+    False: the Triton backward.
     ``interpret=True`` runs Pallas' interpreter (on the CPU; for the TPU kernel it may be a
     ``pltpu.InterpretParams``).
 
@@ -375,7 +409,9 @@ def block_sparse_attention(
     seg_q, seg_k = _segment_pair(segment_ids, batch, q_len, kv_len)
     fine, fine_q, fine_k, window = _fine_mask(tags, key_block_bits, window2d, batch, heads, q_len, kv_len,
                                               kv_len // kv_block)
-    mosaic_gpu = backend == "mosaic_gpu"
+    mosaic_gpu = backend == "mosaic_gpu" or (
+        backend is None and not interpret and _mosaic_gpu_fits(q.dtype, head_dim, seg_q, fine, q_block, kv_block,
+                                                               q_len, kv_len, heads // k.shape[2]))
     backend = "triton" if mosaic_gpu else resolve_backend(backend, interpret)  # Triton: the backward
     mosaic_gpu_blocks = _mosaic_gpu_blocks(mosaic_blocks, mosaic_gpu, q.dtype, head_dim, seg_q, fine, q_block,
                                            kv_block)
@@ -420,6 +456,16 @@ def block_sparse_attention(
                                             repeat_kv=kv_block // tk_bwd, columns=False, **common)
         _, _, col_bwd, max_col_bwd = block_tables(layout, q_tile=tq_bwd, kv_tile=keys, repeat_q=q_block // tq_bwd,
                                                   repeat_kv=kv_block // keys, columns=True, **common)
+
+    if mosaic_gpu:  # the Triton backward reads its tables from global memory
+        mosaic_bwd = mosaic_bwd_blocks is not None
+        entries = _mosaic_table_entries(max(row_fwd.shape[-1], row_bwd.shape[-1] if mosaic_bwd else 0),
+                                        col_bwd.shape[-1] if mosaic_bwd else 0, heads // k.shape[2])
+        if entries > MOSAIC_TABLE_ENTRIES:
+            raise ValueError(f"backend='mosaic_gpu': the block tables take {entries} int32 entries of shared memory "
+                             f"per program, more than {MOSAIC_TABLE_ENTRIES}; keep fewer blocks per row or column "
+                             "(max_blocks_per_row, a shorter sequence, fewer query heads per kv head) or use "
+                             "backend='triton'")
 
     # Triton loads power-of-two shapes: pad head_dim with zeros (changes no product); the Mosaic forward's
     # 128-byte swizzled rows take 64 or 128 columns.

@@ -26,7 +26,7 @@ def block_visibility(q_blocks, kv_blocks, q_block, kv_block, causal_offset):
     return first_col <= last_row + causal_offset, last_col <= first_row + causal_offset
 
 
-def _table_width(max_blocks: int) -> int:
+def width(max_blocks: int) -> int:
     """HEADER + max_blocks rounded up to a power of two (Triton loads power-of-two shapes)."""
     return 1 << (HEADER + max_blocks - 1).bit_length()
 
@@ -50,8 +50,7 @@ def compress(layout, unmasked, max_blocks: int, prefix_unmasked: bool):
     n_free = free.sum(-1, dtype=jnp.int32)
     lo = jnp.zeros_like(count) if prefix_unmasked else count - n_free
     hi = n_free if prefix_unmasked else count
-    width = _table_width(max_blocks)
-    pad = jnp.broadcast_to(last, blocks.shape[:-1] + (width - HEADER - take,))
+    pad = jnp.broadcast_to(last, blocks.shape[:-1] + (width(max_blocks) - HEADER - take,))
     return jnp.concatenate([count[..., None], lo[..., None], hi[..., None], blocks, pad], axis=-1)
 
 

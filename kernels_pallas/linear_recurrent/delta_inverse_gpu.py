@@ -36,7 +36,7 @@ Backward (``jax.custom_vjp``, plain JAX): T = (I + A)^-1 gives dT = -T dA T, so 
 (only A's strictly lower entries are free), then the VJP of ``wy_matrix`` (recomputed in XLA) takes A_bar to k,
 beta and c. Two batched [C, C] matmuls and the Gram matrix's two: no triangular solve.
 
-Fused variant (opt-in, ``DeltaConfig.fused_wy``, not yet measured on a GPU): ``fused_prepare`` forms A, inverts
+Fused variant (``DeltaConfig.fused_wy``, the GPU build's default): ``fused_prepare`` forms A, inverts
 it (``invert_tile``) and applies T in the same program, two more dots: it writes u0 [C, dv] and w [C, dk] (in q's
 dtype when ``delta_ops`` calls it) instead of T, so T's round trip through memory and the two XLA matmuls go. Its
 backward is in plain JAX too (``fused_prepare``'s docstring); T is then written as the backward's residual.
@@ -190,7 +190,7 @@ def _inverse_bwd(settings, residuals, t_bar):
 inverse.defvjp(_inverse_fwd, _inverse_bwd)
 
 
-# The fused variant (opt-in, ``DeltaConfig.fused_wy``): T applied in the kernel.
+# The fused variant (``DeltaConfig.fused_wy``, the GPU default): T applied in the kernel.
 
 
 @dataclasses.dataclass(frozen=True)

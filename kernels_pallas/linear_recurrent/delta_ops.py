@@ -6,7 +6,7 @@ Structure (a first version), three steps:
 1. the chunk-parallel WY preparation in plain JAX (``delta_chunk.wy_prepare``, differentiated by JAX's autodiff):
    on the GPU build T = (I + A)^-1 per chunk from a Pallas kernel with a custom VJP (``delta_inverse_gpu``) then two
    matmuls; on the TPU build one XLA triangular solve per chunk (``DeltaConfig.explicit_inverse`` switches);
-   opt-in on the GPU (``DeltaConfig.fused_wy``): one Pallas kernel writing u0 and w (T applied in the kernel);
+   on the GPU by default (``DeltaConfig.fused_wy``) A, T and T applied in one Pallas kernel writing u0 and w;
 2. the SEQUENTIAL state pass across chunks, a Pallas kernel (``delta_gpu`` for Triton, ``delta_tpu`` for Mosaic
    TPU) with a ``jax.custom_vjp`` whose backward is the reverse-time Pallas pass (``dstates``);
 3. the chunk-parallel output step, a Pallas kernel (``delta_output_gpu`` / ``delta_output_tpu``) with its own
@@ -40,8 +40,10 @@ class DeltaConfig:
       explicit_inverse: the WY preparation's T = (I + A)^-1 from the Pallas kernel ``delta_inverse_gpu`` (Triton
         only) and two matmuls (True), or XLA's batched triangular solve (False); None = by backend (Triton: True).
       fused_wy: the whole WY preparation (A, T and T applied: u0, w) in one Pallas kernel,
-        ``delta_inverse_gpu.fused_prepare`` (Triton only; explicit_inverse must not be False). Opt-in: not yet
-        measured on a GPU.
+        ``delta_inverse_gpu.fused_prepare`` (True; Triton only, explicit_inverse must not be False), or T from the
+        inverse kernel applied by two XLA matmuls (False); None = by backend (Triton: True unless explicit_inverse
+        is False). H200, B4 S8192 H16 D128 bf16 gated: whole kernel 2.68 ms forward / 11.0 ms forward+backward
+        fused against 3.37 / 11.6 unfused (``benchmarks/results/check_delta_kernel_fused_h200.txt``).
     """
 
     chunk_size: int = 64
@@ -49,7 +51,7 @@ class DeltaConfig:
     num_warps: int = 4
     num_stages: int = 2
     explicit_inverse: bool | None = None
-    fused_wy: bool = False
+    fused_wy: bool | None = None
 
     def validate(self, min_tile: int) -> None:
         """Raises ValueError unless chunk_size and block_v are powers of two >= ``min_tile`` (block_v may be None)."""
@@ -65,8 +67,8 @@ class DeltaConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.explicit_inverse is not None and not isinstance(self.explicit_inverse, bool):
             raise ValueError(f"explicit_inverse must be a bool or None, got {self.explicit_inverse!r}")
-        if not isinstance(self.fused_wy, bool):
-            raise ValueError(f"fused_wy must be a bool, got {self.fused_wy!r}")
+        if self.fused_wy is not None and not isinstance(self.fused_wy, bool):
+            raise ValueError(f"fused_wy must be a bool or None, got {self.fused_wy!r}")
         if self.fused_wy and self.explicit_inverse is False:
             raise ValueError("fused_wy=True applies the explicit inverse in the kernel: explicit_inverse must be "
                              "True or None, got False")
@@ -169,9 +171,12 @@ def wy_inverse(config, backend, interpret, dtype):
 
 def wy_options(config, backend, interpret, dtype):
     """Keyword arguments of ``delta_chunk.wy_prepare`` for ``config``: ``fused`` (the fused GPU kernel, u0 and w
-    written in ``dtype``, what the kernels take right after) with ``config.fused_wy``, else ``inverse`` and
-    ``precision`` from ``wy_inverse``."""
-    if not config.fused_wy:
+    written in ``dtype``, what the kernels take right after) when ``config.fused_wy`` (None: on Triton unless
+    ``explicit_inverse`` is False), else ``inverse`` and ``precision`` from ``wy_inverse``."""
+    fused = config.fused_wy
+    if fused is None:
+        fused = backend == "triton" and config.explicit_inverse is not False
+    if not fused:
         inverse, precision = wy_inverse(config, backend, interpret, dtype)
         return dict(inverse=inverse, precision=precision)
     if backend != "triton":

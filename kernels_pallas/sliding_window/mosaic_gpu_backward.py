@@ -86,12 +86,12 @@ class MosaicBackwardBlocks:
 DEFAULT_BACKWARD_BLOCKS = MosaicBackwardBlocks(num_slots=3)
 
 
-def resolve_blocks(mosaic_backward) -> MosaicBackwardBlocks:
+def resolve_blocks(mosaic_backward, default: MosaicBackwardBlocks = DEFAULT_BACKWARD_BLOCKS) -> MosaicBackwardBlocks:
     """The ``mosaic_backward`` argument once the ops have settled that the Mosaic backward runs: True (or None,
-    the default) -> ``DEFAULT_BACKWARD_BLOCKS``, a ``MosaicBackwardBlocks`` -> itself once validated; anything
-    else raises ValueError naming the argument."""
+    the default) -> ``default``, a ``MosaicBackwardBlocks`` -> itself once validated; anything else raises
+    ValueError naming the argument."""
     if mosaic_backward is True or mosaic_backward is None:
-        return DEFAULT_BACKWARD_BLOCKS
+        return default
     if not isinstance(mosaic_backward, MosaicBackwardBlocks):
         raise ValueError(f"mosaic_backward must be a bool or a MosaicBackwardBlocks, "
                          f"got {type(mosaic_backward).__name__}")

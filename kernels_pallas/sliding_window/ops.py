@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from attn import _common as c
+from kernels_pallas._common import on_hopper
 from kernels_pallas._common import resolve_backend as _resolve_backend
 from kernels_pallas.sliding_window import config as config_lib
 
@@ -121,11 +122,8 @@ def _check_segment_ids(segment_ids, batch, seq_len):
 def _mosaic_gpu_fits(dtype, head_dim, softcap, segment_ids) -> bool:
     """Whether backend=None takes the Mosaic GPU forward: on a Hopper GPU, for what that kernel supports (its
     forward measured 0.96-1.03x cuDNN on an H200 where the Triton forward reached 0.68-0.79x)."""
-    device = jax.devices()[0]
-    if device.platform != "gpu" or not str(getattr(device, "compute_capability", "")).startswith("9"):
-        return False
-    return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim <= 128
-            and softcap is None and segment_ids is None)
+    return (on_hopper() and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+            and head_dim <= 128 and softcap is None and segment_ids is None)
 
 
 def _mosaic_gpu_blocks(mosaic_blocks, dtype, head_dim, softcap, segment_ids, mosaic_gpu):
