@@ -61,6 +61,9 @@ SWEEP = {
         "chunk-128": dataclasses.replace(_SCALAR, chunk_size=128),
         "warps-8": dataclasses.replace(_SCALAR, num_warps=8),
         "stages-3": dataclasses.replace(_SCALAR, num_stages=3),
+        "fused-forward+warps-8": dataclasses.replace(_SCALAR, fused_forward=True, num_warps=8),
+        "fused-forward+state-64x128": dataclasses.replace(_SCALAR, fused_forward=True, block_v=None),
+        "fused-forward+stages-3": dataclasses.replace(_SCALAR, fused_forward=True, num_stages=3),
     },
     "vector": {
         "sub-32": dataclasses.replace(_VECTOR, sub_chunk=32),
@@ -215,7 +218,7 @@ def run_fla(fla, variant, mode, q, k, v, gate, dout):
         seconds = timed(run, sync)
         out = run()
     torch.cuda.synchronize()
-    return seconds, int(torch.cuda.max_memory_allocated()), jnp.asarray(np.asarray(out.float().cpu()))
+    return seconds, int(torch.cuda.max_memory_allocated()), jnp.asarray(np.asarray(out.detach().float().cpu()))
 
 
 def write(results, final=False):
