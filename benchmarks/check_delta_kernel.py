@@ -7,10 +7,11 @@ Run on the GPU machine from the repository root: ``PYTHONPATH=. python benchmark
    (Frobenius) errors.
 2. Where the WY preparation's time goes, at B4 S8192 H16 D128 bf16 (forward and forward+backward, median ms and
    tokens/s): the whole kernel with the fused preparation (``DeltaConfig.fused_wy``, the GPU default: A, T and T
-   applied in one kernel, ``delta_inverse_gpu.fused_prepare``) and with the explicit inverse kernel
-   (``delta_inverse_gpu``) + XLA matmuls; the preparation alone (``delta_chunk.wy_prepare``) fused, with the
-   inverse kernel, and with XLA's triangular solve; the inverse kernel alone (forward); the whole kernel with the
-   triangular solve.
+   applied in one kernel, ``delta_inverse_gpu.fused_prepare``), then with its backward as a kernel too
+   (``DeltaConfig.wy_backward_kernel``, ``delta_wy_backward_gpu``) and that preparation alone, then with the
+   explicit inverse kernel (``delta_inverse_gpu``) + XLA matmuls; the preparation alone
+   (``delta_chunk.wy_prepare``) fused, with the inverse kernel, and with XLA's triangular solve; the inverse kernel
+   alone (forward); the whole kernel with the triangular solve.
 3. Forward and forward+backward of the gated delta rule at that shape for a few configs, and XLA's chunked form
    for comparison.
 Everything printed also goes to $OUT/check_delta_kernel.txt ($OUT defaults to /tmp). Time-boxed to
@@ -186,6 +187,10 @@ def main():
     # Where the WY preparation's time goes (first: the budget stops what is left).
     log(f"config fused WY (the default): {fused}")
     bench(kernel_forward(fused), "whole kernel, fused WY")
+    kernel_backward = dataclasses.replace(fused, wy_backward_kernel=True)
+    log(f"config fused WY + kernel backward: {kernel_backward}")
+    bench(kernel_forward(kernel_backward), "whole kernel, fused WY + kernel backward")
+    bench_prepare(kernel_backward, "prep alone, fused WY + kernel backward")
     log(f"config new prep (explicit inverse + matmuls): {new}")
     bench(kernel_forward(new), "whole kernel, new prep")
     bench_prepare(fused, "prep alone, fused WY")

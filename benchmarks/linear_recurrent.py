@@ -55,15 +55,12 @@ _SCALAR, _VECTOR = scalar_config.GPU_DEFAULT, vector_gate_ops.GPU_DEFAULT
 # Tilings timed by --sweep, per kernel (the scalar gate serves simple_gla and linear; the vector gate gla).
 SWEEP = {
     "scalar": {
-        "fused-forward": dataclasses.replace(_SCALAR, fused_forward=True),
-        "state-128x64": dataclasses.replace(_SCALAR, block_k=None),
+        "two-pass-forward": dataclasses.replace(_SCALAR, fused_forward=False),
         "state-64x128": dataclasses.replace(_SCALAR, block_v=None),
         "chunk-128": dataclasses.replace(_SCALAR, chunk_size=128),
-        "warps-8": dataclasses.replace(_SCALAR, num_warps=8),
-        "stages-3": dataclasses.replace(_SCALAR, num_stages=3),
-        "fused-forward+warps-8": dataclasses.replace(_SCALAR, fused_forward=True, num_warps=8),
-        "fused-forward+state-64x128": dataclasses.replace(_SCALAR, fused_forward=True, block_v=None),
-        "fused-forward+stages-3": dataclasses.replace(_SCALAR, fused_forward=True, num_stages=3),
+        "warps-4": dataclasses.replace(_SCALAR, num_warps=4),
+        "stages-2": dataclasses.replace(_SCALAR, num_stages=2),
+        "warps-4-stages-2": dataclasses.replace(_SCALAR, num_warps=4, num_stages=2),
     },
     "vector": {
         "sub-32": dataclasses.replace(_VECTOR, sub_chunk=32),
@@ -224,7 +221,9 @@ def run_fla(fla, variant, mode, q, k, v, gate, dout):
 def write(results, final=False):
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, "linear_recurrent.json"), "w") as f:
-        json.dump({"device": str(jax.devices()[0].device_kind), "results": results}, f, indent=1)
+        json.dump({"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+                   "commit": os.environ.get("BENCH_COMMIT"), "xla_flags": os.environ.get("XLA_FLAGS"),
+                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "results": results}, f, indent=1)
     if not final:
         return
     lines = ["| variant | shape | mode | impl | tokens/s (M) | vs fla | peak MiB | rel err vs XLA |",

@@ -29,3 +29,12 @@ def qkv_dout(seed, b, s, h, hkv, d, dtype=jnp.bfloat16):
     normal = lambda key, shape: jax.random.normal(key, shape, jnp.float32).astype(dtype)
     return normal(keys[0], (b, s, h, d)), normal(keys[1], (b, s, hkv, d)), normal(keys[2], (b, s, hkv, d)), \
         normal(keys[3], (b, s, h, d))
+
+
+def triton_kernels_lowered(f, *args) -> int:
+    """How many Pallas Triton kernels ``jax.jit(f)`` lowers to for an H100, on a machine without a GPU: Pallas'
+    Triton lowering reads the target GPU from the abstract mesh's device (ptxas never runs)."""
+    gpu = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="gpu")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=gpu)):
+        text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    return text.count("stablehlo.custom_call @__gpu$xla.gpu.triton")

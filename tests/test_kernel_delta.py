@@ -3,17 +3,20 @@
 Both agree with the step-by-step float64 recurrence of ``attn._recurrent.delta_recurrence`` in the output, the final
 state and the gradients of q, k, v, beta, the log gates and the initial state: lengths that are not chunk multiples,
 with and without gate and initial state, several chunks, several dv blocks (summed partial gradients), strong decay.
-The GPU build runs its default WY preparation (the explicit inverse kernel, ``delta_inverse_gpu``), the TPU build
-XLA's triangular solve.
+The GPU build runs its default WY preparation (the fused Pallas kernel, ``delta_inverse_gpu.fused_prepare``), the
+TPU build XLA's triangular solve.
 Shapes stay tiny: interpret mode is slow.
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 from attn import _recurrent as r
-from kernels_pallas.linear_recurrent.delta_ops import DeltaConfig, chunked_delta_recurrence
+from kernels_pallas.linear_recurrent.delta_ops import GPU_DEFAULT, DeltaConfig, chunked_delta_recurrence
+import _kernel_helpers as kernel_helpers
 import _linear_recurrent_helpers as helpers
 
 
@@ -111,6 +114,11 @@ BAD_ARGUMENTS = {
                                    "explicit_inverse"),
     "fused WY preparation on TPU": (dict(config=DeltaConfig(chunk_size=16, fused_wy=True), backend="mosaic_tpu"),
                                     "fused_wy"),
+    "WY backward kernel without the fused WY": (
+        dict(config=DeltaConfig(chunk_size=16, fused_wy=False, wy_backward_kernel=True), backend="triton"),
+        "wy_backward_kernel"),
+    "WY backward kernel not a bool": (dict(config=DeltaConfig(chunk_size=16, wy_backward_kernel=1)),
+                                      "wy_backward_kernel"),
     **helpers.COMMON_BAD_ARGUMENTS,
 }
 
@@ -125,3 +133,19 @@ def test_bad_arguments_raise_value_error_naming_them(kwargs, name):
 
 def test_unsupported_head_dims_raise_value_error():
     helpers.check_head_dim_limits(lambda q, k, v: chunked_delta_recurrence(q, k, v, q[..., 0], interpret=True))
+
+
+def test_gpu_default_and_kernel_wy_backward_lower_to_triton_on_a_cpu_only_machine():
+    """The GPU default (fused WY preparation) at B1 S256 H2 D128 bf16, forward and backward, lowers through Pallas'
+    Triton lowering (no GPU needed; ptxas is not run); the opt-in kernel backward of the preparation adds one."""
+    q = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
+    per_step = jax.ShapeDtypeStruct((1, 256, 2), jnp.float32)
+
+    def kernels(config):
+        attend = lambda q, k, v, b, g: chunked_delta_recurrence(q, k, v, b, g, backend="triton", config=config)[0]
+        f = jax.grad(lambda *a: attend(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2, 3, 4))
+        return kernel_helpers.triton_kernels_lowered(f, q, q, q, per_step, per_step)
+
+    default = kernels(None)
+    assert default >= 4
+    assert kernels(dataclasses.replace(GPU_DEFAULT, wy_backward_kernel=True)) == default + 1

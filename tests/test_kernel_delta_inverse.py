@@ -3,7 +3,8 @@ per chunk against ``jnp.linalg.inv`` and XLA's triangular solve; its custom VJP 
 triangular solve, alone and through ``delta_chunk.wy_prepare``. The end-to-end delta rule runs it in
 test_kernel_delta.py through the fused variant (``fused_prepare``, ``DeltaConfig.fused_wy``, the GPU build's
 default); here the fused variant through ``wy_prepare`` against the triangular solve, and end to end against the
-inverse kernel applied by XLA matmuls (``fused_wy=False``).
+inverse kernel applied by XLA matmuls (``fused_wy=False``); its backward kernel (``delta_wy_backward_gpu``,
+``DeltaConfig.wy_backward_kernel``) against its XLA backward, alone and end to end.
 """
 
 import jax
@@ -116,9 +117,35 @@ def test_fused_prepare_matches_the_triangular_solve_path():
         assert rel_err(got, ref) < 1e-12, name
 
 
-def test_fused_wy_end_to_end_matches_the_unfused_gpu_build():
+def test_wy_backward_kernel_matches_the_xla_backward():
+    # delta_wy_backward_gpu (FusedSettings.kernel_backward) against _fused_bwd's XLA code on the same residuals and
+    # cotangents, float64: 3 chunks of 32, dk 16 != dv 32, beta in (0, 2), the last chunk's gates ~-30 every other
+    # step (exponents down to ~-500: exp(c_t - c_s) with s > t would overflow).
+    k, beta, cum = (x.reshape((1,) + x.shape) for x in _chunks(8, 3, 32, 16, jnp.float64))
+    beta = 2.0 * beta
+    keys = jax.random.split(jax.random.key(9), 3)
+    v, u0_bar = (jax.random.normal(key, k.shape[:-1] + (32,), jnp.float64) for key in keys[:2])
+    w_bar = jax.random.normal(keys[2], k.shape, jnp.float64)
+    settings = delta_inverse_gpu.FusedSettings(interpret=True)
+    kernel_settings = delta_inverse_gpu.FusedSettings(interpret=True, kernel_backward=True)
+
+    def gradients(settings):
+        _, residuals = delta_inverse_gpu._fused_fwd(k, v, beta, cum, settings)
+        return delta_inverse_gpu._fused_bwd(settings, residuals, (u0_bar, w_bar))
+
+    got = jax.jit(lambda: gradients(kernel_settings))()
+    want = jax.jit(lambda: gradients(settings))()
+    for name, g, w, x in zip(("dk", "dv", "dbeta", "dcum"), got, want, (k, v, beta, cum)):
+        assert g.dtype == w.dtype == x.dtype and g.shape == w.shape == x.shape, name
+        assert jnp.all(jnp.isfinite(g)), name
+        assert rel_err(g, w) < 1e-12, name
+
+
+@pytest.mark.parametrize("wy_backward_kernel", [False, True])
+def test_fused_wy_end_to_end_matches_the_unfused_gpu_build(wy_backward_kernel):
     # chunked_delta_recurrence with DeltaConfig(fused_wy=True) against fused_wy=False (inverse kernel + XLA
     # matmuls), float64: output, final state and every gradient. Gated, dk 8 / dv 12 padded to 16, 3 chunks.
+    # The fused path's backward in XLA and as a kernel (wy_backward_kernel).
     keys = jax.random.split(jax.random.key(7), 8)
     b, s, h, dk, dv = 1, 37, 2, 8, 12
     q = jax.random.normal(keys[0], (b, s, h, dk), jnp.float64) * dk**-0.5
@@ -132,9 +159,12 @@ def test_fused_wy_end_to_end_matches_the_unfused_gpu_build():
     dfinal = jax.random.normal(keys[7], (b, h, dk, dv), jnp.float64)
 
     def values_and_gradients(fused_wy):
+        config = DeltaConfig(chunk_size=16, block_v=None, fused_wy=fused_wy,
+                             wy_backward_kernel=fused_wy and wy_backward_kernel)
+
         def fn(q, k, v, beta, gate, h0):
             return chunked_delta_recurrence(q, k, v, beta, gate, initial_state=h0, backend="triton", interpret=True,
-                                            config=DeltaConfig(chunk_size=16, block_v=None, fused_wy=fused_wy))
+                                            config=config)
 
         outs, vjp = jax.vjp(fn, q, k, v, beta, gate, h0)
         return outs, vjp((dout, dfinal))

@@ -12,6 +12,7 @@ import pytest
 
 from kernels_pallas.linear_recurrent.reference import chunked_vector_gate_reference
 from kernels_pallas.linear_recurrent.vector_gate_ops import VectorGateConfig, chunked_vector_gate_recurrence
+import _kernel_helpers as kernel_helpers
 import _linear_recurrent_helpers as helpers
 
 
@@ -110,3 +111,13 @@ def test_unsupported_head_dims_raise_value_error():
 
 def test_gla_pallas_implementation_matches_chunked_with_gqa():
     helpers.check_mechanism_pallas_matches_chunked("gla")
+
+
+def test_gpu_default_lowers_to_triton_kernels_on_a_cpu_only_machine():
+    """The GPU default (config=None, backend="triton") at B1 S256 H2 D128 bf16, forward and backward, lowers
+    through Pallas' Triton lowering (no GPU needed; ptxas is not run)."""
+    q = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
+    gate = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.float32)
+    attend = lambda q, k, v, g: chunked_vector_gate_recurrence(q, k, v, g, backend="triton")[0]
+    f = jax.grad(lambda *a: attend(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2, 3))
+    assert kernel_helpers.triton_kernels_lowered(f, q, q, q, gate) >= 3

@@ -12,6 +12,7 @@ import pytest
 
 from kernels_pallas.linear_recurrent import ChunkConfig, chunked_scalar_gate_recurrence, chunked_scalar_gate_reference
 import _linear_recurrent_helpers as helpers
+import _kernel_helpers as kernel_helpers
 
 
 def _case(seed, b, s, h, dk, dv, with_state, gate_scale, dtype=jnp.float32):
@@ -40,12 +41,25 @@ GPU_CASES = {
     "odd-length-initial-state": (1, 37, 2, 8, 12, True, 1.0, ChunkConfig(chunk_size=16)),
     "no-gate-no-state-two-v-blocks": (2, 21, 1, 16, 32, False, None, ChunkConfig(chunk_size=16, block_v=16)),
     "chunk-32-three-chunks": (1, 70, 1, 16, 16, True, 0.5, ChunkConfig(chunk_size=32)),
+    # The GPU default's forward: one sequential kernel writing outputs and states.
+    "fused-forward-initial-state-two-v-blocks": (1, 37, 2, 8, 32, True, 1.0,
+                                                 ChunkConfig(chunk_size=16, block_v=16, fused_forward=True)),
 }
 
 
 @pytest.mark.parametrize("case", GPU_CASES.values(), ids=GPU_CASES.keys())
 def test_gpu_kernel_matches_recurrent_reference(case):
     _check_against_reference("triton", 0, *case)
+
+
+def test_gpu_default_lowers_to_triton_kernels_on_a_cpu_only_machine():
+    """The GPU default (config=None, backend="triton") at B1 S256 H2 D128 bf16 lowers through Pallas' Triton
+    lowering, forward and backward (no GPU needed; ptxas is not run)."""
+    q = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
+    gate = jax.ShapeDtypeStruct((1, 256, 2), jnp.float32)
+    attend = lambda q, k, v, g: chunked_scalar_gate_recurrence(q, k, v, log_gate=g, backend="triton")[0]
+    f = jax.grad(lambda *a: attend(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2, 3))
+    assert kernel_helpers.triton_kernels_lowered(f, q, q, q, gate) == 3  # fused forward, dS pass, gradients
 
 
 TPU_CASES = {

@@ -196,9 +196,11 @@ inverse.defvjp(_inverse_fwd, _inverse_bwd)
 @dataclasses.dataclass(frozen=True)
 class FusedSettings(Settings):
     """``Settings`` plus out_dtype: the dtype name of u0 and w (None: k's). ``delta_ops`` passes q's dtype, what it
-    casts them to right after, so the kernel writes 16-bit values for bf16/f16 inputs (half the bytes)."""
+    casts them to right after, so the kernel writes 16-bit values for bf16/f16 inputs (half the bytes).
+    kernel_backward: the custom VJP's backward as a Pallas kernel (``delta_wy_backward_gpu``), else plain JAX."""
 
     out_dtype: str | None = None
+    kernel_backward: bool = False
 
 
 def _fused_kernel(k_ref, v_ref, beta_ref, cum_ref, u0_ref, w_ref, *t_ref, settings):
@@ -265,6 +267,10 @@ def _fused_fwd(k, v, beta, cum, settings):
 
 
 def _fused_bwd(settings, residuals, cotangents):
+    if settings.kernel_backward:
+        from kernels_pallas.linear_recurrent import delta_wy_backward_gpu  # imports this module: not at the top
+
+        return delta_wy_backward_gpu.wy_backward(*residuals, *cotangents, settings)
     k, v, beta, cum, t = residuals
     u0_bar, w_bar = (x.astype(t.dtype) for x in cotangents)
     precision = settings.xla_precision

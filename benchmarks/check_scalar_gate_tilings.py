@@ -1,0 +1,39 @@
+"""Interleaved repeats of a few scalar-gate (simple GLA) kernel tilings, to pick the GPU default despite run-to-run
+noise (one sweep of ``benchmarks/linear_recurrent.py --sweep`` moved the same tiling by 20-30 % between runs).
+
+Run on the GPU machine from the repository root: ``PYTHONPATH=. python benchmarks/check_scalar_gate_tilings.py``.
+B4 S8192 H16 D128 bf16 (``linear_recurrent.inputs``), forward and forward+backward, every tiling once per repeat
+(REPEATS, default 3), printing M tokens/s per (repeat, mode, tiling); ``linear_recurrent.run_jax`` times them.
+"""
+
+import dataclasses
+import os
+import sys
+
+import jax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import linear_recurrent as lr  # noqa: E402
+
+# The tilings as measured on 2026-12-02; "two-pass" was the GPU default then.
+TWO_PASS = lr.scalar_config.ChunkConfig(chunk_size=64, block_k=64, block_v=64, num_warps=4, num_stages=2)
+TILINGS = {
+    "two-pass": TWO_PASS,
+    "fused+stages3": dataclasses.replace(TWO_PASS, fused_forward=True, num_stages=3),
+    "fused+warps8": dataclasses.replace(TWO_PASS, fused_forward=True, num_warps=8),
+    "fused+warps8+stages3": dataclasses.replace(TWO_PASS, fused_forward=True, num_warps=8, num_stages=3),
+}
+
+
+def main():
+    b, s, h, d = 4, 8192, 16, 128
+    q, k, v, gate, dout = lr.inputs(jax.random.key(0), b, s, h, d, "simple_gla")
+    for repeat in range(int(os.environ.get("REPEATS", "3"))):
+        for mode in ("forward", "forward+backward"):
+            for name, config in TILINGS.items():
+                seconds = lr.run_jax("pallas", "simple_gla", mode, q, k, v, gate, dout, config)[0]
+                print(repeat, mode, name, f"{b * s / seconds / 1e6:.2f} M tokens/s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
