@@ -13,6 +13,7 @@ import pytest
 
 import attn
 from kernels_pallas.block_sparse import Tiles, block_sparse_attention, block_sparse_reference, tables
+import _kernel_helpers as kernel_helpers
 
 
 def _rel_err(a, b):
@@ -188,3 +189,15 @@ def test_traced_layout_over_the_bound_fails_at_run_time():
     assert run(q, jnp.asarray(within)).shape == q.shape
     with pytest.raises(Exception, match="keeps up to 4 blocks in a row, more than max_blocks_per_row=3"):
         run(q, jnp.ones((4, 4), bool)).block_until_ready()
+
+
+def test_triton_build_lowers_on_a_cpu_only_machine():
+    """The Triton build's default tiles at B1 S1024 D128 bf16, causal, GQA 4:2, a traced layout (its tables built
+    in the program): forward, dq and dk/dv kernels lower through Pallas' Triton lowering (ptxas is not run)."""
+    q = jax.ShapeDtypeStruct((1, 1024, 4, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 1024, 2, 128), jnp.bfloat16)
+    layout = jax.ShapeDtypeStruct((4, 8, 8), jnp.bool_)
+    attend = lambda q, k, v, layout: block_sparse_attention(q, k, v, layout, block_size=128, causal=True,
+                                                            backend="triton")
+    f = jax.grad(lambda *a: attend(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2))
+    assert kernel_helpers.triton_kernels_lowered(f, q, kv, kv, layout) == 3

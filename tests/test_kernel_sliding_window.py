@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from kernels_pallas.sliding_window import BlockSizes, band, sliding_window_attention, sliding_window_reference
+import _kernel_helpers as kernel_helpers
 
 SMALL = BlockSizes(block_q=16, block_k=16, block_q_dq=16, block_k_dq=16, block_q_dkv=16, block_k_dkv=16)
 # Unequal tiles per pass, so that the band arithmetic of each pass is exercised with its own shapes.
@@ -169,3 +170,13 @@ def test_padding_and_block_choice_do_not_change_the_result():
             for blocks in (SMALL, MIXED)]
     for a, b in itertools.combinations(outs, 2):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_triton_build_lowers_on_a_cpu_only_machine():
+    """The Triton build's default blocks at B1 S1024 D128 bf16, causal window 256, GQA 4:2: forward and backward
+    kernels lower through Pallas' Triton lowering (ptxas is not run)."""
+    q = jax.ShapeDtypeStruct((1, 1024, 4, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 1024, 2, 128), jnp.bfloat16)
+    attend = lambda q, k, v: sliding_window_attention(q, k, v, window=(256, 0), causal=True, backend="triton")
+    f = jax.grad(lambda *a: attend(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2))
+    assert kernel_helpers.triton_kernels_lowered(f, q, kv, kv) == 3
