@@ -15,13 +15,17 @@ import jax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import linear_recurrent as lr  # noqa: E402
 
-# The tilings as measured on 2026-12-02; "two-pass" was the GPU default then.
+# The first four as measured on 2026-12-02 ("two-pass" was the GPU default then; "fused+warps8+stages3" is now).
 TWO_PASS = lr.scalar_config.ChunkConfig(chunk_size=64, block_k=64, block_v=64, num_warps=4, num_stages=2)
 TILINGS = {
     "two-pass": TWO_PASS,
     "fused+stages3": dataclasses.replace(TWO_PASS, fused_forward=True, num_stages=3),
     "fused+warps8": dataclasses.replace(TWO_PASS, fused_forward=True, num_warps=8),
     "fused+warps8+stages3": dataclasses.replace(TWO_PASS, fused_forward=True, num_warps=8, num_stages=3),
+    # Not yet measured: the forward's best launch settings with the backward's (ChunkConfig.num_warps_bwd).
+    "fused+stages3, bwd warps8": dataclasses.replace(TWO_PASS, fused_forward=True, num_stages=3, num_warps_bwd=8),
+    "fused+stages3, bwd warps8+stages2": dataclasses.replace(TWO_PASS, fused_forward=True, num_stages=3,
+                                                             num_warps_bwd=8, num_stages_bwd=2),
 }
 
 

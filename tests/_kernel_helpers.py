@@ -1,5 +1,7 @@
 """Checks shared by the kernel tests that compare a Pallas form with a reference form."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,10 +33,17 @@ def qkv_dout(seed, b, s, h, hkv, d, dtype=jnp.bfloat16):
         normal(keys[3], (b, s, h, d))
 
 
-def triton_kernels_lowered(f, *args) -> int:
-    """How many Pallas Triton kernels ``jax.jit(f)`` lowers to for an H100, on a machine without a GPU: Pallas'
-    Triton lowering reads the target GPU from the abstract mesh's device (ptxas never runs)."""
+def triton_kernel_warps(f, *args) -> list[int]:
+    """The num_warps of each Pallas Triton kernel that ``jax.jit(f)`` lowers to for an H100, in program order, on a
+    machine without a GPU: Pallas' Triton lowering reads the target GPU from the abstract mesh's device (ptxas never
+    runs)."""
     gpu = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="gpu")
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=gpu)):
         text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    return text.count("stablehlo.custom_call @__gpu$xla.gpu.triton")
+    calls = text.split("stablehlo.custom_call @__gpu$xla.gpu.triton")[1:]
+    return [int(re.search(r"num_warps = (\d+) : i32", call).group(1)) for call in calls]
+
+
+def triton_kernels_lowered(f, *args) -> int:
+    """How many Pallas Triton kernels ``jax.jit(f)`` lowers to (``triton_kernel_warps``)."""
+    return len(triton_kernel_warps(f, *args))

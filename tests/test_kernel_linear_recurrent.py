@@ -6,6 +6,8 @@ without initial state and gate, several dv blocks (summed partial gradients), se
 stays finite. Shapes stay tiny: interpret mode is slow.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -62,6 +64,18 @@ def test_gpu_default_lowers_to_triton_kernels_on_a_cpu_only_machine():
     assert kernel_helpers.triton_kernels_lowered(f, q, q, q, gate) == 3  # fused forward, dS pass, gradients
 
 
+def test_backward_launch_settings_reach_only_the_backward_kernels():
+    config = ChunkConfig(chunk_size=64, block_k=64, block_v=64, fused_forward=True, num_warps=4, num_warps_bwd=8)
+    assert config.backward() == dataclasses.replace(config, num_warps=8)
+    assert ChunkConfig(num_stages=3).backward() == ChunkConfig(num_stages=3)  # None: the forward's settings
+    q = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
+    gate = jax.ShapeDtypeStruct((1, 256, 2), jnp.float32)
+    attend = lambda q, k, v, g: chunked_scalar_gate_recurrence(q, k, v, log_gate=g, backend="triton",
+                                                               config=config)[0]
+    f = jax.grad(lambda *a: attend(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2, 3))
+    assert kernel_helpers.triton_kernel_warps(f, q, q, q, gate) == [4, 8, 8]
+
+
 TPU_CASES = {
     "odd-length-initial-state": (1, 29, 2, 8, 12, True, 1.0, ChunkConfig(chunk_size=8)),
     "no-state-two-v-blocks": (1, 19, 1, 16, 32, False, 0.5, ChunkConfig(chunk_size=8, block_v=16)),
@@ -104,6 +118,7 @@ BAD_ARGUMENTS = {
     "gate shape mismatch": (dict(log_gate=jnp.zeros((1, 16, 2, 16))), "log_gate"),
     "gate of the wrong length": (dict(log_gate=jnp.zeros((1, 15, 2))), "log_gate"),
     "block_v not a power of two": (dict(config=ChunkConfig(chunk_size=16, block_v=12)), "block_v"),
+    "backward warps not positive": (dict(config=ChunkConfig(chunk_size=16, num_warps_bwd=0)), "num_warps_bwd"),
     **helpers.COMMON_BAD_ARGUMENTS,
 }
 

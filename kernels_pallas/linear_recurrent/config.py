@@ -18,6 +18,8 @@ class ChunkConfig:
         sequential kernel per (batch, head, dv block) that computes outputs and states in the same walk (no state
         round trip through memory, but only batch * heads * dv / block_v programs); ``block_k`` is then unused.
       num_warps, num_stages: Triton launch settings (ignored on TPU and in interpret mode).
+      num_warps_bwd, num_stages_bwd: those of the backward's kernels (the dS pass and the gradients); None: the
+        forward's. On an H200 the forward was fastest with 4 warps and the backward with 8.
     """
 
     chunk_size: int = 64
@@ -26,6 +28,8 @@ class ChunkConfig:
     fused_forward: bool = False
     num_warps: int = 4
     num_stages: int = 2
+    num_warps_bwd: int | None = None
+    num_stages_bwd: int | None = None
 
     def validate(self, min_chunk: int) -> None:
         """Raises ValueError unless chunk_size (and the blocks) are powers of two >= ``min_chunk`` (so they tile)."""
@@ -37,10 +41,19 @@ class ChunkConfig:
                 raise ValueError(f"{name} must be a power of two >= {min_chunk}, got {value!r}")
         if not isinstance(self.fused_forward, bool):
             raise ValueError(f"fused_forward must be a bool, got {self.fused_forward!r}")
-        for name in ("num_warps", "num_stages"):
+        for name in ("num_warps", "num_stages", "num_warps_bwd", "num_stages_bwd"):
             value = getattr(self, name)
+            if value is None and name.endswith("_bwd"):
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise ValueError(f"{name} must be a positive integer{' or None' * name.endswith('_bwd')}, "
+                                 f"got {value!r}")
+
+    def backward(self) -> "ChunkConfig":
+        """The config the backward's kernels run with: the backward launch settings in place of the forward's."""
+        return dataclasses.replace(
+            self, num_warps=self.num_warps if self.num_warps_bwd is None else self.num_warps_bwd,
+            num_stages=self.num_stages if self.num_stages_bwd is None else self.num_stages_bwd)
 
 
 # GPU (Triton): 64-step chunks as fla; the fused forward walks [dk, 64] state blocks (b * h * 2 programs at dv 128).

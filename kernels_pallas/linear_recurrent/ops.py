@@ -51,10 +51,11 @@ def _recurrence_bwd(st, residuals, cotangents):
     q, k, v, cum, entering = residuals  # h0 has cum's dtype (the accumulation dtype)
     dout, dfinal = cotangents
     _, states, backward = _kernels(st.backend)
+    config = st.config.backward()
     dleaving, dh0 = states.dstates(q, dout.astype(q.dtype), cum, dfinal.astype(cum.dtype),
-                                   config=st.config, interpret=st.interpret)
+                                   config=config, interpret=st.interpret)
     dq, dk, dv, dcum = backward.gradients(q, k, v, dout.astype(q.dtype), cum, entering, dleaving,
-                                          config=st.config, interpret=st.interpret)
+                                          config=config, interpret=st.interpret)
     return dq, dk, dv, dcum.astype(cum.dtype), dh0.astype(cum.dtype)
 
 
