@@ -7,7 +7,8 @@ Run on the GPU machine from the repository root: ``PYTHONPATH=. python benchmark
    (Frobenius) errors.
 2. Where the WY preparation's time goes, at B4 S8192 H16 D128 bf16 (forward and forward+backward, median ms and
    tokens/s): the whole kernel with the fused preparation (``DeltaConfig.fused_wy``, the GPU default: A, T and T
-   applied in one kernel, ``delta_inverse_gpu.fused_prepare``), then with its backward as a kernel too
+   applied in one kernel, ``delta_inverse_gpu.fused_prepare``), then with that kernel by 16-row blocks
+   (``DeltaConfig.wy_blocked``) and that preparation alone, then the fused default with its backward as a kernel too
    (``DeltaConfig.wy_backward_kernel``, ``delta_wy_backward_gpu``) and that preparation alone, then with the
    explicit inverse kernel (``delta_inverse_gpu``) + XLA matmuls; the preparation alone
    (``delta_chunk.wy_prepare``) fused, with the inverse kernel, and with XLA's triangular solve; the inverse kernel
@@ -187,6 +188,10 @@ def main():
     # Where the WY preparation's time goes (first: the budget stops what is left).
     log(f"config fused WY (the default): {fused}")
     bench(kernel_forward(fused), "whole kernel, fused WY")
+    blocked = dataclasses.replace(fused, wy_blocked=True)
+    log(f"config fused WY by 16-row blocks: {blocked}")
+    bench(kernel_forward(blocked), "whole kernel, blocked WY")
+    bench_prepare(blocked, "prep alone, blocked WY")
     kernel_backward = dataclasses.replace(fused, wy_backward_kernel=True)
     log(f"config fused WY + kernel backward: {kernel_backward}")
     bench(kernel_forward(kernel_backward), "whole kernel, fused WY + kernel backward")

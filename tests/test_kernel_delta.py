@@ -119,6 +119,9 @@ BAD_ARGUMENTS = {
         "wy_backward_kernel"),
     "WY backward kernel not a bool": (dict(config=DeltaConfig(chunk_size=16, wy_backward_kernel=1)),
                                       "wy_backward_kernel"),
+    "blocked WY without the fused WY": (
+        dict(config=DeltaConfig(chunk_size=16, fused_wy=False, wy_blocked=True), backend="triton"), "wy_blocked"),
+    "blocked WY not a bool": (dict(config=DeltaConfig(chunk_size=16, wy_blocked=1)), "wy_blocked"),
     **helpers.COMMON_BAD_ARGUMENTS,
 }
 
@@ -136,8 +139,9 @@ def test_unsupported_head_dims_raise_value_error():
 
 
 def test_gpu_default_and_kernel_wy_backward_lower_to_triton_on_a_cpu_only_machine():
-    """The GPU default (fused WY preparation) at B1 S256 H2 D128 bf16, forward and backward, lowers through Pallas'
-    Triton lowering (no GPU needed; ptxas is not run); the opt-in kernel backward of the preparation adds one."""
+    """The GPU default (fused WY preparation, C = 64) at B1 S256 H2 D128 bf16, forward and backward, lowers through
+    Pallas' Triton lowering (no GPU needed; ptxas is not run); the opt-in kernel backward of the preparation adds
+    one; the opt-in blocked forward of the preparation (wy_blocked) replaces one."""
     q = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
     per_step = jax.ShapeDtypeStruct((1, 256, 2), jnp.float32)
 
@@ -149,3 +153,4 @@ def test_gpu_default_and_kernel_wy_backward_lower_to_triton_on_a_cpu_only_machin
     default = kernels(None)
     assert default >= 4
     assert kernels(dataclasses.replace(GPU_DEFAULT, wy_backward_kernel=True)) == default + 1
+    assert kernels(dataclasses.replace(GPU_DEFAULT, wy_blocked=True)) == default

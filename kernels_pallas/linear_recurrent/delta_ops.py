@@ -47,6 +47,9 @@ class DeltaConfig:
       wy_backward_kernel: the fused preparation's backward as a Pallas kernel (``delta_wy_backward_gpu``, True)
         instead of XLA's batched matmuls (False). Opt-in and not yet measured on the GPU; needs the fused path
         (fused_wy True, or None on Triton).
+      wy_blocked: the fused preparation's forward kernel by 16-row blocks (``FusedSettings.blocked``: 16 x 16
+        inverses and block forward substitution) instead of on the whole [C, C] tile (False). Opt-in and not yet
+        measured on the GPU; needs the fused path (fused_wy True, or None on Triton).
     """
 
     chunk_size: int = 64
@@ -56,6 +59,7 @@ class DeltaConfig:
     explicit_inverse: bool | None = None
     fused_wy: bool | None = None
     wy_backward_kernel: bool = False
+    wy_blocked: bool = False
 
     def validate(self, min_tile: int) -> None:
         """Raises ValueError unless chunk_size and block_v are powers of two >= ``min_tile`` (block_v may be None)."""
@@ -75,6 +79,8 @@ class DeltaConfig:
             raise ValueError(f"fused_wy must be a bool or None, got {self.fused_wy!r}")
         if not isinstance(self.wy_backward_kernel, bool):
             raise ValueError(f"wy_backward_kernel must be a bool, got {self.wy_backward_kernel!r}")
+        if not isinstance(self.wy_blocked, bool):
+            raise ValueError(f"wy_blocked must be a bool, got {self.wy_blocked!r}")
         if self.fused_wy and self.explicit_inverse is False:
             raise ValueError("fused_wy=True applies the explicit inverse in the kernel: explicit_inverse must be "
                              "True or None, got False")
@@ -178,14 +184,17 @@ def wy_inverse(config, backend, interpret, dtype):
 def wy_options(config, backend, interpret, dtype):
     """Keyword arguments of ``delta_chunk.wy_prepare`` for ``config``: ``fused`` (the fused GPU kernel, u0 and w
     written in ``dtype``, what the kernels take right after) when ``config.fused_wy`` (None: on Triton unless
-    ``explicit_inverse`` is False; its backward a kernel too with ``config.wy_backward_kernel``), else ``inverse``
-    and ``precision`` from ``wy_inverse``."""
+    ``explicit_inverse`` is False; its backward a kernel too with ``config.wy_backward_kernel``, its forward by
+    16-row blocks with ``config.wy_blocked``), else ``inverse`` and ``precision`` from ``wy_inverse``."""
     fused = config.fused_wy
     if fused is None:
         fused = backend == "triton" and config.explicit_inverse is not False
     if not fused:
         if config.wy_backward_kernel:
             raise ValueError("wy_backward_kernel=True is the fused WY preparation's backward: it needs fused_wy "
+                             f"True (or None on Triton), got fused_wy={config.fused_wy!r} on {backend!r}")
+        if config.wy_blocked:
+            raise ValueError("wy_blocked=True is a variant of the fused WY preparation's kernel: it needs fused_wy "
                              f"True (or None on Triton), got fused_wy={config.fused_wy!r} on {backend!r}")
         inverse, precision = wy_inverse(config, backend, interpret, dtype)
         return dict(inverse=inverse, precision=precision)
@@ -194,7 +203,8 @@ def wy_options(config, backend, interpret, dtype):
     from kernels_pallas.linear_recurrent import delta_inverse_gpu
 
     settings = _gpu_settings(delta_inverse_gpu.FusedSettings, config, interpret, dtype,
-                             out_dtype=jnp.dtype(dtype).name, kernel_backward=config.wy_backward_kernel)
+                             out_dtype=jnp.dtype(dtype).name, kernel_backward=config.wy_backward_kernel,
+                             blocked=config.wy_blocked)
 
     def fused(k, v, beta, cum):
         return delta_inverse_gpu.fused_prepare(k, v, beta, cum, settings)
