@@ -33,7 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels_pallas.block_sparse import tables
+from kernels_pallas.block_sparse import mosaic_gpu_forward, tables
 from kernels_pallas.sliding_window.mosaic_gpu_backward import MosaicBackwardBlocks
 from kernels_pallas.sliding_window.mosaic_gpu_forward import LOG2E, MEMORY_WG_REGISTERS, _add_product
 
@@ -341,14 +341,8 @@ def dq(q, k, v, do, lse, delta, row_tables, *, scale, causal_offset,
        blocks: MosaicBackwardBlocks = DEFAULT_BACKWARD_BLOCKS, interpret=None):
     """The dq pass: arguments as ``dkv``, with row_tables [b|1, h, sq / rows_per_program, width] over tiles of
     ``blocks.rows_per_program`` queries by ``blocks.block_k`` keys. Returns dq like q."""
-    blocks.validate()
+    mosaic_gpu_forward.check_row_pass(q, k, row_tables, blocks)
     b, sq, h, d = q.shape
-    sk = k.shape[1]
-    if sq % blocks.rows_per_program or sk % blocks.block_k:
-        raise ValueError(f"q length {sq} must be a multiple of {blocks.rows_per_program} (rows per program) and "
-                         f"kv length {sk} of block_k={blocks.block_k}")
-    if d not in (64, 128):
-        raise ValueError(f"head_dim must be 64 or 128 here (padded by ops), got {d}")
     cw, slots = blocks.compute_wgs, blocks.num_slots
     scratch = [
         plgpu.SMEM((row_tables.shape[-1],), jnp.int32),  # the program's table row

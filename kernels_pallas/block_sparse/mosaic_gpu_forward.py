@@ -32,7 +32,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels_pallas.block_sparse import tables
 from kernels_pallas.sliding_window.band import PAD_LSE
 from kernels_pallas.sliding_window.mosaic_gpu_forward import (LOG2E, MEMORY_WG_REGISTERS, MosaicBlocks,
-                                                              _add_product, _row_vector)
+                                                              _add_product, _row_vector, online_softmax)
 
 # Two compute warpgroups of 64 rows taking turns, 128-key steps; its 128-row super-tile and 128-key steps divide
 # the issue's 128-blocks. H200, B4 S8192 H16 D128 bf16 (same run, ms): 0.712 / 1.247 / 2.157 / 2.224 / 0.761 at
@@ -129,15 +129,7 @@ def _kernel(table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, row_smem, qo_smem, l
                 rows = q_start + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=plgpu.Layout.WGMMA)
                 cols = kb * bk + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=plgpu.Layout.WGMMA)
                 s = jnp.where(cols <= rows + causal_offset, s, -jnp.inf)
-            m_new = jnp.maximum(m, s.max(axis=1) * factor)
-            # -inf masks (see the sliding-window kernel): a row that has seen no key yet subtracts 0 instead
-            # of -inf, so its p and alpha are 0 and l stays 0.
-            m_sub = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            alpha = jnp.exp2(m - m_sub)
-            p = jnp.exp2(s * factor - lax.broadcast_in_dim(m_sub, s.shape, [0]))
-            l = l * alpha + p.sum(axis=1)
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            p = p.astype(dtype)
+            p, acc, m_new, l = online_softmax(s, acc, m, l, factor, dtype)
             take_turns()
             plgpu.barrier_wait(v_full.at[slot])
             acc = _add_product(acc, p, v_smem.at[slot], on_gpu)
@@ -181,6 +173,22 @@ def check_supported(q_dtype, head_dim: int, segment_ids, fine) -> None:
         raise ValueError(f"backend='mosaic_gpu' does not support {name}; use backend='triton'")
 
 
+def check_row_pass(q, k, row_tables, blocks) -> None:
+    """Raises ValueError unless q [b, sq, h, d], k [b, sk, hkv, d] and row_tables fit a pass over the row tables
+    (this forward, the dq pass) with ``blocks``' tiles."""
+    blocks.validate()
+    _, sq, h, d = q.shape
+    sk = k.shape[1]
+    if sq % blocks.rows_per_program or sk % blocks.block_k:
+        raise ValueError(f"q length {sq} must be a multiple of {blocks.rows_per_program} (rows per program) and "
+                         f"kv length {sk} of block_k={blocks.block_k}")
+    if d not in (64, 128):
+        raise ValueError(f"head_dim must be 64 or 128 here (padded by ops), got {d}")
+    if row_tables.shape[1:3] != (h, sq // blocks.rows_per_program) or row_tables.dtype != jnp.int32:
+        raise ValueError(f"row_tables must be int32 [b|1, {h}, {sq // blocks.rows_per_program}, width], got "
+                         f"{row_tables.dtype} {row_tables.shape}")
+
+
 def forward(q, k, v, row_tables, *, scale, causal_offset, blocks: MosaicBlocks = DEFAULT_BLOCKS, interpret=None):
     """q [b, sq, h, d], k/v [b, sk, hkv, d], row_tables [b|1, h, sq / rows_per_program, width] int32 over tiles
     of ``blocks.rows_per_program`` queries by ``blocks.block_k`` keys -> (out like q, lse [b, h, sq] float32,
@@ -191,17 +199,8 @@ def forward(q, k, v, row_tables, *, scale, causal_offset, blocks: MosaicBlocks =
     unmasked run; None: no element mask. ``interpret``: a ``plgpu.InterpretGPUParams`` runs the kernel in
     Pallas' GPU interpreter (on the CPU).
     """
-    blocks.validate()
+    check_row_pass(q, k, row_tables, blocks)
     b, sq, h, d = q.shape
-    sk = k.shape[1]
-    if sq % blocks.rows_per_program or sk % blocks.block_k:
-        raise ValueError(f"q length {sq} must be a multiple of {blocks.rows_per_program} (rows per program) and "
-                         f"kv length {sk} of block_k={blocks.block_k}")
-    if d not in (64, 128):
-        raise ValueError(f"head_dim must be 64 or 128 here (padded by ops), got {d}")
-    if row_tables.shape[1:3] != (h, sq // blocks.rows_per_program) or row_tables.dtype != jnp.int32:
-        raise ValueError(f"row_tables must be int32 [b|1, {h}, {sq // blocks.rows_per_program}, width], got "
-                         f"{row_tables.dtype} {row_tables.shape}")
     width = row_tables.shape[-1]
     # 128-byte swizzled tiles of 8 rows: the layout wgmma reads; 64 columns of 2 bytes per swizzle row.
     transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))

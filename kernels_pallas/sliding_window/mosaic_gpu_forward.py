@@ -111,6 +111,21 @@ def _add_product(acc, a, b_smem, on_gpu):
     return pl.run_state(accumulate)(plgpu.ACC.init(acc))
 
 
+def online_softmax(s, acc, m, l, factor, dtype):
+    """One key tile of the online softmax for a warpgroup's rows: raw products ``s`` [rows, keys] (masked entries
+    -inf), base-2 logits ``s * factor`` -> (p in ``dtype`` for the p v product, acc rescaled, new m, new l)."""
+    m_new = jnp.maximum(m, s.max(axis=1) * factor)
+    # -inf masks, not a large finite value: s * factor - m fused into one FMA differs from the rounded product
+    # by far more than exp2's range at that size (inf, then NaN). A row that has seen no key yet (the band's
+    # edge tiles, a table's masked diagonal) subtracts 0 instead of -inf, so its p and alpha are 0 and l stays 0.
+    m_sub = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    alpha = jnp.exp2(m - m_sub)
+    p = jnp.exp2(s * factor - lax.broadcast_in_dim(m_sub, s.shape, [0]))
+    l = l * alpha + p.sum(axis=1)
+    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+    return p.astype(dtype), acc, m_new, l
+
+
 def program_tiles(start, rows, block_k, left, right, seq_len):
     """(first, end): the key tiles that the rows [start, start + rows) of a program meet, which its memory
     warpgroup streams; ``end >= first`` (empty for a program of padding only)."""
@@ -224,16 +239,7 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem, lse_smem, k_smem, v_sm
                 rows = q_start + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=plgpu.Layout.WGMMA)
                 cols = kb * bk + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=plgpu.Layout.WGMMA)
                 s = jnp.where(band.allowed(rows, cols, left, right, seq_len), s, -jnp.inf)
-            m_new = jnp.maximum(m, s.max(axis=1) * factor)
-            # -inf masks, not a large finite value: s * factor - m fused into one FMA differs from the
-            # rounded product by far more than exp2's range at that size (inf, then NaN). A row that has
-            # seen no key yet (the band's edge tiles) subtracts 0 instead of -inf, so its p and alpha are 0.
-            m_sub = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            alpha = jnp.exp2(m - m_sub)
-            p = jnp.exp2(s * factor - lax.broadcast_in_dim(m_sub, s.shape, [0]))
-            l = l * alpha + p.sum(axis=1)
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            p = p.astype(dtype)
+            p, acc, m_new, l = online_softmax(s, acc, m, l, factor, dtype)
             take_turns()
             plgpu.barrier_wait(v_full.at[slot])
 
