@@ -7,12 +7,12 @@ Run on the GPU machine from the repository root: ``PYTHONPATH=. python benchmark
    (Frobenius) errors.
 2. Where the WY preparation's time goes, at B4 S8192 H16 D128 bf16 (forward and forward+backward, median ms and
    tokens/s): the whole kernel with the fused preparation (``DeltaConfig.fused_wy``, the GPU default: A, T and T
-   applied in one kernel, ``delta_inverse_gpu.fused_prepare``), then with that kernel by 16-row blocks
-   (``DeltaConfig.wy_blocked``) and that preparation alone, then the fused default with its backward as a kernel too
-   (``DeltaConfig.wy_backward_kernel``, ``delta_wy_backward_gpu``) and that preparation alone, then with the
-   explicit inverse kernel (``delta_inverse_gpu``) + XLA matmuls; the preparation alone
-   (``delta_chunk.wy_prepare``) fused, with the inverse kernel, and with XLA's triangular solve; the inverse kernel
-   alone (forward); the whole kernel with the triangular solve.
+   applied in one kernel, ``delta_inverse_gpu.fused_prepare``, its backward a kernel too,
+   ``DeltaConfig.wy_backward_kernel``, ``delta_wy_backward_gpu``), then with that backward in XLA
+   (``wy_backward_kernel=False``) and that preparation alone, then with the explicit inverse kernel
+   (``delta_inverse_gpu``) + XLA matmuls; the preparation alone (``delta_chunk.wy_prepare``) fused, with the inverse
+   kernel, and with XLA's triangular solve; the inverse kernel alone (forward); the whole kernel with the triangular
+   solve.
 3. Forward and forward+backward of the gated delta rule at that shape for a few configs, and XLA's chunked form
    for comparison.
 Everything printed also goes to $OUT/check_delta_kernel.txt ($OUT defaults to /tmp). Time-boxed to
@@ -186,16 +186,12 @@ def main():
     new = dataclasses.replace(default, explicit_inverse=True, fused_wy=False)
     old = dataclasses.replace(default, explicit_inverse=False)
     # Where the WY preparation's time goes (first: the budget stops what is left).
-    log(f"config fused WY (the default): {fused}")
+    log(f"config fused WY + kernel backward (the default): {fused}")
     bench(kernel_forward(fused), "whole kernel, fused WY")
-    blocked = dataclasses.replace(fused, wy_blocked=True)
-    log(f"config fused WY by 16-row blocks: {blocked}")
-    bench(kernel_forward(blocked), "whole kernel, blocked WY")
-    bench_prepare(blocked, "prep alone, blocked WY")
-    kernel_backward = dataclasses.replace(fused, wy_backward_kernel=True)
-    log(f"config fused WY + kernel backward: {kernel_backward}")
-    bench(kernel_forward(kernel_backward), "whole kernel, fused WY + kernel backward")
-    bench_prepare(kernel_backward, "prep alone, fused WY + kernel backward")
+    xla_backward = dataclasses.replace(fused, wy_backward_kernel=False)
+    log(f"config fused WY + XLA backward: {xla_backward}")
+    bench(kernel_forward(xla_backward), "whole kernel, fused WY + XLA backward")
+    bench_prepare(xla_backward, "prep alone, fused WY + XLA backward")
     log(f"config new prep (explicit inverse + matmuls): {new}")
     bench(kernel_forward(new), "whole kernel, new prep")
     bench_prepare(fused, "prep alone, fused WY")
@@ -204,7 +200,7 @@ def main():
     bench_inverse(new, "inverse kernel alone (tf32)")
     bench(kernel_forward(old), "whole kernel, old prep")
     run_checks(((jnp.float32, True), (jnp.bfloat16, False)))
-    variants = [  # the default itself ran above ("whole kernel, new prep")
+    variants = [  # the default itself ran above ("whole kernel, fused WY")
         ("block_v32", dataclasses.replace(default, block_v=32)),
         ("block_v128", dataclasses.replace(default, block_v=128)),
         ("warps8", dataclasses.replace(default, num_warps=8)),

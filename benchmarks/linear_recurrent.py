@@ -58,9 +58,9 @@ SWEEP = {
         "two-pass-forward": dataclasses.replace(_SCALAR, fused_forward=False),
         "state-64x128": dataclasses.replace(_SCALAR, block_v=None),
         "chunk-128": dataclasses.replace(_SCALAR, chunk_size=128),
-        "warps-4": dataclasses.replace(_SCALAR, num_warps=4),
+        "warps-8": dataclasses.replace(_SCALAR, num_warps=8),
         "stages-2": dataclasses.replace(_SCALAR, num_stages=2),
-        "warps-4-stages-2": dataclasses.replace(_SCALAR, num_warps=4, num_stages=2),
+        "bwd-warps-4": dataclasses.replace(_SCALAR, num_warps_bwd=None),
     },
     "vector": {
         "sub-32": dataclasses.replace(_VECTOR, sub_chunk=32),

@@ -3,8 +3,8 @@
 Both agree with the step-by-step float64 recurrence of ``attn._recurrent.delta_recurrence`` in the output, the final
 state and the gradients of q, k, v, beta, the log gates and the initial state: lengths that are not chunk multiples,
 with and without gate and initial state, several chunks, several dv blocks (summed partial gradients), strong decay.
-The GPU build runs its default WY preparation (the fused Pallas kernel, ``delta_inverse_gpu.fused_prepare``), the
-TPU build XLA's triangular solve.
+The GPU build runs its default WY preparation (the fused Pallas kernel, ``delta_inverse_gpu.fused_prepare``, with
+its backward kernel, ``delta_wy_backward_gpu``), the TPU build XLA's triangular solve.
 Shapes stay tiny: interpret mode is slow.
 """
 
@@ -119,9 +119,6 @@ BAD_ARGUMENTS = {
         "wy_backward_kernel"),
     "WY backward kernel not a bool": (dict(config=DeltaConfig(chunk_size=16, wy_backward_kernel=1)),
                                       "wy_backward_kernel"),
-    "blocked WY without the fused WY": (
-        dict(config=DeltaConfig(chunk_size=16, fused_wy=False, wy_blocked=True), backend="triton"), "wy_blocked"),
-    "blocked WY not a bool": (dict(config=DeltaConfig(chunk_size=16, wy_blocked=1)), "wy_blocked"),
     **helpers.COMMON_BAD_ARGUMENTS,
 }
 
@@ -138,10 +135,10 @@ def test_unsupported_head_dims_raise_value_error():
     helpers.check_head_dim_limits(lambda q, k, v: chunked_delta_recurrence(q, k, v, q[..., 0], interpret=True))
 
 
-def test_gpu_default_and_kernel_wy_backward_lower_to_triton_on_a_cpu_only_machine():
-    """The GPU default (fused WY preparation, C = 64) at B1 S256 H2 D128 bf16, forward and backward, lowers through
-    Pallas' Triton lowering (no GPU needed; ptxas is not run); the opt-in kernel backward of the preparation adds
-    one; the opt-in blocked forward of the preparation (wy_blocked) replaces one."""
+def test_gpu_default_and_xla_wy_backward_lower_to_triton_on_a_cpu_only_machine():
+    """The GPU default (fused WY preparation with its backward kernel, C = 64) at B1 S256 H2 D128 bf16, forward and
+    backward, lowers through Pallas' Triton lowering (no GPU needed; ptxas is not run); the preparation's XLA
+    backward (wy_backward_kernel=False) has one kernel fewer."""
     q = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
     per_step = jax.ShapeDtypeStruct((1, 256, 2), jnp.float32)
 
@@ -151,6 +148,6 @@ def test_gpu_default_and_kernel_wy_backward_lower_to_triton_on_a_cpu_only_machin
         return kernel_helpers.triton_kernels_lowered(f, q, q, q, per_step, per_step)
 
     default = kernels(None)
-    assert default >= 4
-    assert kernels(dataclasses.replace(GPU_DEFAULT, wy_backward_kernel=True)) == default + 1
-    assert kernels(dataclasses.replace(GPU_DEFAULT, wy_blocked=True)) == default
+    assert default >= 5
+    assert kernels(dataclasses.replace(GPU_DEFAULT, wy_backward_kernel=True)) == default
+    assert kernels(dataclasses.replace(GPU_DEFAULT, wy_backward_kernel=False)) == default - 1

@@ -4,8 +4,8 @@ triangular solve, alone and through ``delta_chunk.wy_prepare``. The end-to-end d
 test_kernel_delta.py through the fused variant (``fused_prepare``, ``DeltaConfig.fused_wy``, the GPU build's
 default); here the fused variant through ``wy_prepare`` against the triangular solve, and end to end against the
 inverse kernel applied by XLA matmuls (``fused_wy=False``); its backward kernel (``delta_wy_backward_gpu``,
-``DeltaConfig.wy_backward_kernel``) against its XLA backward, alone and end to end; its forward by 16-row blocks
-(``FusedSettings.blocked``, ``DeltaConfig.wy_blocked``) against the whole-tile kernel, alone and end to end.
+``DeltaConfig.wy_backward_kernel``, the default) against its XLA backward, alone and end to end, and end to end
+each of them against the unfused path.
 """
 
 import jax
@@ -142,38 +142,11 @@ def test_wy_backward_kernel_matches_the_xla_backward():
         assert rel_err(g, w) < 1e-12, name
 
 
-@pytest.mark.parametrize("chunk", [32, 64])
-def test_blocked_fused_kernel_matches_the_whole_tile_kernel(chunk):
-    # FusedSettings.blocked (16-row blocks: block forward substitution) against the whole-tile kernel, float64:
-    # u0 and w, and T as _fused_fwd (jax.vjp's forward) writes it. dk 16 != dv 32, beta in (0, 2), strong decay in
-    # the last chunk (exponents down to ~-500 in the off-diagonal blocks).
-    k, beta, cum = _chunks(10, 2, chunk, 16, jnp.float64)
-    beta = 2.0 * beta
-    v = jax.random.normal(jax.random.key(11), k.shape[:-1] + (32,), jnp.float64)
-    whole = delta_inverse_gpu.FusedSettings(interpret=True)
-    blocked = delta_inverse_gpu.FusedSettings(interpret=True, blocked=True)
-
-    def outputs(settings):
-        (u0, w), residuals = delta_inverse_gpu._fused_fwd(k, v, beta, cum, settings)
-        return u0, w, residuals[-1]
-
-    got = jax.jit(lambda: outputs(blocked))()
-    want = jax.jit(lambda: outputs(whole))()
-    for name, g, x in zip(("u0", "w", "T"), got, want):
-        assert g.dtype == x.dtype and g.shape == x.shape, name
-        assert jnp.all(jnp.isfinite(g)), name
-        assert rel_err(g, x) < 1e-12, name
-    assert jnp.all(jnp.triu(got[2], 1) == 0.0)  # the blocks above the diagonal are written as zeros
-    u0, w = jax.jit(lambda: delta_inverse_gpu.fused_prepare(k, v, beta, cum, blocked))()  # without T
-    assert rel_err(u0, want[0]) < 1e-12 and rel_err(w, want[1]) < 1e-12
-
-
-@pytest.mark.parametrize("wy_backward_kernel,wy_blocked", [(False, False), (True, False), (False, True)])
-def test_fused_wy_end_to_end_matches_the_unfused_gpu_build(wy_backward_kernel, wy_blocked):
+@pytest.mark.parametrize("wy_backward_kernel", [False, True])
+def test_fused_wy_end_to_end_matches_the_unfused_gpu_build(wy_backward_kernel):
     # chunked_delta_recurrence with DeltaConfig(fused_wy=True) against fused_wy=False (inverse kernel + XLA
     # matmuls), float64: output, final state and every gradient. Gated, dk 8 / dv 12 padded to 16, 3 chunks.
-    # The fused path's backward in XLA and as a kernel (wy_backward_kernel); its forward by 16-row blocks
-    # (wy_blocked, with chunks of 32: two blocks, two chunks).
+    # The fused path's backward in XLA and as a kernel (wy_backward_kernel).
     keys = jax.random.split(jax.random.key(7), 8)
     b, s, h, dk, dv = 1, 37, 2, 8, 12
     q = jax.random.normal(keys[0], (b, s, h, dk), jnp.float64) * dk**-0.5
@@ -187,8 +160,8 @@ def test_fused_wy_end_to_end_matches_the_unfused_gpu_build(wy_backward_kernel, w
     dfinal = jax.random.normal(keys[7], (b, h, dk, dv), jnp.float64)
 
     def values_and_gradients(fused_wy):
-        config = DeltaConfig(chunk_size=32 if wy_blocked else 16, block_v=None, fused_wy=fused_wy,
-                             wy_backward_kernel=fused_wy and wy_backward_kernel, wy_blocked=fused_wy and wy_blocked)
+        config = DeltaConfig(chunk_size=16, block_v=None, fused_wy=fused_wy,
+                             wy_backward_kernel=fused_wy and wy_backward_kernel)
 
         def fn(q, k, v, beta, gate, h0):
             return chunked_delta_recurrence(q, k, v, beta, gate, initial_state=h0, backend="triton", interpret=True,

@@ -57,11 +57,12 @@ class ChunkConfig:
 
 
 # GPU (Triton): 64-step chunks as fla; the fused forward walks [dk, 64] state blocks (b * h * 2 programs at dv 128).
-# H200, simple GLA B4 S8192 H16 D128 bf16, five interleaved repeats (benchmarks/results/
-# check_scalar_gate_tilings_h200.txt), median M tokens/s forward / forward+backward: this 32.0 / 10.1; the
-# two-pass forward with 4 warps and 2 stages (the former default) 26.2 / 8.5; fused with 4 warps and 3 stages
-# 37.4 / 8.8 (the fastest forward alone); fused with 8 warps and 2 stages 28.0 / 9.6.
-GPU_DEFAULT = ChunkConfig(chunk_size=64, block_k=64, block_v=64, fused_forward=True, num_warps=8, num_stages=3)
+# H200, simple GLA B4 S8192 H16 D128 bf16, three interleaved repeats (benchmarks/results/
+# check_scalar_gate_tilings_bwd_h200.txt), median M tokens/s forward / forward+backward: this (forward 4 warps and
+# 3 stages, backward 8 warps) 37.3 / 10.96; 8 warps and 3 stages for both (the former default) 33.7 / 10.65; 4 warps
+# and 3 stages for both 38.3 / 9.14; the two-pass forward with 4 warps and 2 stages 26.7 / 8.50.
+GPU_DEFAULT = ChunkConfig(chunk_size=64, block_k=64, block_v=64, fused_forward=True, num_warps=4, num_stages=3,
+                          num_warps_bwd=8)
 
 # TPU: the chunk axis is a lane axis of the gate row tile, so it must be a multiple of 128.
 TPU_DEFAULT = ChunkConfig(chunk_size=128, block_k=None, block_v=128)

@@ -39,9 +39,8 @@ beta and c. Two batched [C, C] matmuls and the Gram matrix's two: no triangular 
 Fused variant (``DeltaConfig.fused_wy``, the GPU build's default): ``fused_prepare`` forms A, inverts
 it (``invert_tile``) and applies T in the same program, two more dots: it writes u0 [C, dv] and w [C, dk] (in q's
 dtype when ``delta_ops`` calls it) instead of T, so T's round trip through memory and the two XLA matmuls go. Its
-backward is in plain JAX too (``fused_prepare``'s docstring); T is then written as the backward's residual.
-Opt-in (``DeltaConfig.wy_blocked``, unmeasured): the same outputs by 16-row blocks (``_blocked_fused_kernel``):
-16 x 16 inverses and block forward substitution on u0 and w, no whole-tile substitution and no dots of zero blocks.
+backward is a Pallas kernel in the GPU build (``delta_wy_backward_gpu``, ``DeltaConfig.wy_backward_kernel``) or
+plain JAX (``fused_prepare``'s docstring); T is then written as the backward's residual.
 
 Precision: true float32 (float64 in interpret mode) in Pallas' interpreter (the CPU has no TF32). On the GPU the
 dots run as 3-pass TF32 (float32-accurate, tensor cores), or 1-pass TF32 with ``tf32=True``: the GPU build asks
@@ -199,13 +198,11 @@ inverse.defvjp(_inverse_fwd, _inverse_bwd)
 class FusedSettings(Settings):
     """``Settings`` plus out_dtype: the dtype name of u0 and w (None: k's). ``delta_ops`` passes q's dtype, what it
     casts them to right after, so the kernel writes 16-bit values for bf16/f16 inputs (half the bytes).
-    kernel_backward: the custom VJP's backward as a Pallas kernel (``delta_wy_backward_gpu``), else plain JAX.
-    blocked: the forward kernel by 16-row blocks (``_blocked_fused_kernel``), else on the whole tile
-    (``_fused_kernel``)."""
+    kernel_backward: the custom VJP's backward as a Pallas kernel (``delta_wy_backward_gpu``; ``delta_ops`` asks
+    for it by default), else plain JAX."""
 
     out_dtype: str | None = None
     kernel_backward: bool = False
-    blocked: bool = False
 
 
 def _fused_kernel(k_ref, v_ref, beta_ref, cum_ref, u0_ref, w_ref, *t_ref, settings):
@@ -216,55 +213,6 @@ def _fused_kernel(k_ref, v_ref, beta_ref, cum_ref, u0_ref, w_ref, *t_ref, settin
     w_ref[...] = dot(t, (beta * jnp.exp(cum))[:, None] * k).astype(w_ref.dtype)  # cum <= 0: exp(cum) <= 1
     if t_ref:  # only under differentiation: T is the backward's residual
         t_ref[0][...] = t.astype(t_ref[0].dtype)
-
-
-def _blocked_fused_kernel(k_ref, v_ref, beta_ref, cum_ref, u0_ref, w_ref, *t_ref, settings):
-    """``_fused_kernel``'s outputs by blocks of B = 16 rows (``FusedSettings.blocked``), loops unrolled in Python:
-    Triton cannot slice register tiles, but it loads and stores static row blocks of refs. With i, j block indices,
-    X = [diag(beta) V | diag(beta exp(c)) K] and (I + A) [u0 | w] = X, block forward substitution gives
-
-      A_ii = strict_lower(beta_i exp(c_t - c_s) k_i k_i^T)  (``wy_matrix`` on the block),  T_ii = (I + A_ii)^-1,
-      A_ij = beta_t exp(c_t - c_s) (k_i k_j^T)  for i > j (every t > s: no mask),
-      U_i  = T_ii (X_i - sum_{j<i} A_ij U_j)  (u0 and w as two dots each),
-
-    and under differentiation T's blocks: T_ij = -T_ii sum_{j<=m<i} A_im T_mj for i > j, zero for i < j. Only
-    16 x 16 tiles are inverted (15 substitution steps on 256 elements instead of 4096 at C = 64) and no dot
-    multiplies the zero blocks above the diagonal.
-    """
-    rows = [pl.ds(BLOCK * i, BLOCK) for i in range(k_ref.shape[0] // BLOCK)]
-    k = [k_ref[r, :] for r in rows]
-    beta = [beta_ref[r] for r in rows]
-    cum = [cum_ref[r] for r in rows]
-    dot = _make_dot(settings.kernel_precision(k[0].dtype), k[0].dtype)
-    u0, w, t_rows = [], [], []  # u0's and w's row blocks, T's row blocks (t_rows[i][j] = T_ij for j <= i)
-    for i, r in enumerate(rows):
-        t_ii = invert_tile(delta_chunk.wy_matrix(dot(k[i], k[i], trans_b=True), beta[i], cum[i]), dot)
-        # Below the diagonal every t > s, so c_t - c_s <= 0 for log gates <= 0 (the documented input range; delta_ops
-        # takes cum = cumsum(log_gate) without checking the sign). Not clamped: A must equal ``wy_matrix``'s, which
-        # the whole-tile kernel uses and the backward differentiates, for every input.
-        a = [beta[i][:, None] * jnp.exp(cum[i][:, None] - cum[j][None, :]) * dot(k[i], k[j], trans_b=True)
-             for j in range(i)]
-        x_v = beta[i][:, None] * v_ref[r, :]
-        x_k = (beta[i] * jnp.exp(cum[i]))[:, None] * k[i]  # cum <= 0: exp(cum) <= 1
-        for j in range(i):
-            x_v = x_v - dot(a[j], u0[j])
-            x_k = x_k - dot(a[j], w[j])
-        u0.append(dot(t_ii, x_v))
-        w.append(dot(t_ii, x_k))
-        u0_ref[r, :] = u0[i].astype(u0_ref.dtype)
-        w_ref[r, :] = w[i].astype(w_ref.dtype)
-        if t_ref:  # only under differentiation: T is the backward's residual
-            t_row = []
-            for j in range(i):
-                sum_at = dot(a[j], t_rows[j][j])
-                for m in range(j + 1, i):
-                    sum_at = sum_at + dot(a[m], t_rows[m][j])
-                t_row.append(-dot(t_ii, sum_at))
-            t_row.append(t_ii)
-            t_rows.append(t_row)
-            for j, c in enumerate(rows):
-                block = t_row[j] if j <= i else jnp.zeros((BLOCK, BLOCK), t_ii.dtype)
-                t_ref[0][r, c] = block.astype(t_ref[0].dtype)
 
 
 def _fused_call(k, v, beta, cum, settings, with_t):
@@ -279,7 +227,7 @@ def _fused_call(k, v, beta, cum, settings, with_t):
         out_specs.append(pl.BlockSpec((None, chunk, chunk), lambda i: (i, 0, 0)))
         out_shape.append(jax.ShapeDtypeStruct((n, chunk, chunk), k.dtype))
     outs = pl.pallas_call(
-        functools.partial(_blocked_fused_kernel if settings.blocked else _fused_kernel, settings=settings),
+        functools.partial(_fused_kernel, settings=settings),
         grid=(n,),
         in_specs=[pl.BlockSpec((None, chunk, dk), lambda i: (i, 0, 0)),
                   pl.BlockSpec((None, chunk, dv), lambda i: (i, 0, 0)),
@@ -301,7 +249,8 @@ def fused_prepare(k, v, beta, cum, settings: FusedSettings):
     [..., C] (float32; float64 in interpret mode) -> u0 [..., C, dv], w [..., C, dk] in ``settings.out_dtype``.
     C, dk and dv powers of two >= 16 (Triton's dot tiles).
 
-    Backward (custom VJP, plain JAX, matmuls only): with x_v = diag(beta) V, x_k = diag(beta exp(c)) K,
+    Backward (custom VJP; a Pallas kernel with ``settings.kernel_backward``, else plain JAX, matmuls only, as
+    follows): with x_v = diag(beta) V, x_k = diag(beta exp(c)) K,
     u0 = T x_v and w = T x_k give
 
       T_bar = u0_bar x_v^T + w_bar x_k^T,   [x_v_bar | x_k_bar] = T^T [u0_bar | w_bar],

@@ -6,7 +6,8 @@ Structure (a first version), three steps:
 1. the chunk-parallel WY preparation in plain JAX (``delta_chunk.wy_prepare``, differentiated by JAX's autodiff):
    on the GPU build T = (I + A)^-1 per chunk from a Pallas kernel with a custom VJP (``delta_inverse_gpu``) then two
    matmuls; on the TPU build one XLA triangular solve per chunk (``DeltaConfig.explicit_inverse`` switches);
-   on the GPU by default (``DeltaConfig.fused_wy``) A, T and T applied in one Pallas kernel writing u0 and w;
+   on the GPU by default (``DeltaConfig.fused_wy``) A, T and T applied in one Pallas kernel writing u0 and w, its
+   backward a Pallas kernel too (``DeltaConfig.wy_backward_kernel``);
 2. the SEQUENTIAL state pass across chunks, a Pallas kernel (``delta_gpu`` for Triton, ``delta_tpu`` for Mosaic
    TPU) with a ``jax.custom_vjp`` whose backward is the reverse-time Pallas pass (``dstates``);
 3. the chunk-parallel output step, a Pallas kernel (``delta_output_gpu`` / ``delta_output_tpu``) with its own
@@ -45,11 +46,10 @@ class DeltaConfig:
         is False). H200, B4 S8192 H16 D128 bf16 gated: whole kernel 2.68 ms forward / 11.0 ms forward+backward
         fused against 3.37 / 11.6 unfused (``benchmarks/results/check_delta_kernel_fused_h200.txt``).
       wy_backward_kernel: the fused preparation's backward as a Pallas kernel (``delta_wy_backward_gpu``, True)
-        instead of XLA's batched matmuls (False). Opt-in and not yet measured on the GPU; needs the fused path
-        (fused_wy True, or None on Triton).
-      wy_blocked: the fused preparation's forward kernel by 16-row blocks (``FusedSettings.blocked``: 16 x 16
-        inverses and block forward substitution) instead of on the whole [C, C] tile (False). Opt-in and not yet
-        measured on the GPU; needs the fused path (fused_wy True, or None on Triton).
+        or XLA's batched matmuls (False); None = True wherever the fused path runs. True needs the fused path
+        (fused_wy True, or None on Triton). H200, B4 S8192 H16 D128 bf16 gated: whole kernel 2.60 / 9.30 ms
+        forward / forward+backward against 2.61 / 11.40 with the XLA backward; the preparation alone 1.54 / 3.99
+        against 1.50 / 6.08 (``benchmarks/results/check_delta_kernel_wy_backward_h200.txt``).
     """
 
     chunk_size: int = 64
@@ -58,8 +58,7 @@ class DeltaConfig:
     num_stages: int = 2
     explicit_inverse: bool | None = None
     fused_wy: bool | None = None
-    wy_backward_kernel: bool = False
-    wy_blocked: bool = False
+    wy_backward_kernel: bool | None = None
 
     def validate(self, min_tile: int) -> None:
         """Raises ValueError unless chunk_size and block_v are powers of two >= ``min_tile`` (block_v may be None)."""
@@ -77,10 +76,8 @@ class DeltaConfig:
             raise ValueError(f"explicit_inverse must be a bool or None, got {self.explicit_inverse!r}")
         if self.fused_wy is not None and not isinstance(self.fused_wy, bool):
             raise ValueError(f"fused_wy must be a bool or None, got {self.fused_wy!r}")
-        if not isinstance(self.wy_backward_kernel, bool):
-            raise ValueError(f"wy_backward_kernel must be a bool, got {self.wy_backward_kernel!r}")
-        if not isinstance(self.wy_blocked, bool):
-            raise ValueError(f"wy_blocked must be a bool, got {self.wy_blocked!r}")
+        if self.wy_backward_kernel is not None and not isinstance(self.wy_backward_kernel, bool):
+            raise ValueError(f"wy_backward_kernel must be a bool or None, got {self.wy_backward_kernel!r}")
         if self.fused_wy and self.explicit_inverse is False:
             raise ValueError("fused_wy=True applies the explicit inverse in the kernel: explicit_inverse must be "
                              "True or None, got False")
@@ -184,17 +181,14 @@ def wy_inverse(config, backend, interpret, dtype):
 def wy_options(config, backend, interpret, dtype):
     """Keyword arguments of ``delta_chunk.wy_prepare`` for ``config``: ``fused`` (the fused GPU kernel, u0 and w
     written in ``dtype``, what the kernels take right after) when ``config.fused_wy`` (None: on Triton unless
-    ``explicit_inverse`` is False; its backward a kernel too with ``config.wy_backward_kernel``, its forward by
-    16-row blocks with ``config.wy_blocked``), else ``inverse`` and ``precision`` from ``wy_inverse``."""
+    ``explicit_inverse`` is False; its backward a kernel too unless ``config.wy_backward_kernel`` is False), else
+    ``inverse`` and ``precision`` from ``wy_inverse``."""
     fused = config.fused_wy
     if fused is None:
         fused = backend == "triton" and config.explicit_inverse is not False
     if not fused:
         if config.wy_backward_kernel:
             raise ValueError("wy_backward_kernel=True is the fused WY preparation's backward: it needs fused_wy "
-                             f"True (or None on Triton), got fused_wy={config.fused_wy!r} on {backend!r}")
-        if config.wy_blocked:
-            raise ValueError("wy_blocked=True is a variant of the fused WY preparation's kernel: it needs fused_wy "
                              f"True (or None on Triton), got fused_wy={config.fused_wy!r} on {backend!r}")
         inverse, precision = wy_inverse(config, backend, interpret, dtype)
         return dict(inverse=inverse, precision=precision)
@@ -203,8 +197,7 @@ def wy_options(config, backend, interpret, dtype):
     from kernels_pallas.linear_recurrent import delta_inverse_gpu
 
     settings = _gpu_settings(delta_inverse_gpu.FusedSettings, config, interpret, dtype,
-                             out_dtype=jnp.dtype(dtype).name, kernel_backward=config.wy_backward_kernel,
-                             blocked=config.wy_blocked)
+                             out_dtype=jnp.dtype(dtype).name, kernel_backward=config.wy_backward_kernel is not False)
 
     def fused(k, v, beta, cum):
         return delta_inverse_gpu.fused_prepare(k, v, beta, cum, settings)
@@ -251,9 +244,9 @@ def chunked_delta_recurrence(
 
     Returns ``(out [batch, seq, heads, v_head_dim] in q's dtype, final_state [batch, heads, head_dim, v_head_dim]
     float32)`` (float64 for float64 inputs, interpret mode only). Differentiable in q, k, v, beta, log_gate and
-    initial_state. The WY preparation runs in float32 (XLA; on GPU around a Pallas inverse kernel); the kernels'
-    matmul operands are in q's dtype, accumulated in float32 with a float32 carried state (states stored per chunk
-    in q's dtype).
+    initial_state. The WY preparation runs in float32 (on the GPU by default in Pallas kernels, forward and
+    backward; on the TPU in XLA); the kernels' matmul operands are in q's dtype, accumulated in float32 with a
+    float32 carried state (states stored per chunk in q's dtype).
 
     Papers: "Parallelizing Linear Transformers with the Delta Rule over Sequence Length"; "Gated Delta Networks:
     Improving Mamba2 with Delta Rule".
