@@ -5,7 +5,10 @@ Run on the GPU machine from the repository root: ``PYTHONPATH=. python benchmark
    log_gate and the initial state against ``attn._recurrent.linear_recurrence`` (chunked, float32 maths on the same
    inputs); prints max abs and relative (Frobenius) errors.
 2. Forward and forward+backward at B4 S8192 H16 D128 bf16 for a few configs: median ms and tokens/s.
-Everything printed also goes to $OUT/check_gla_kernel.txt ($OUT defaults to /tmp). Time-boxed to ~75 s.
+3. Where the time goes at that shape: each of the four kernels (state pass, output, dstate pass, backward) alone,
+   median ms, for the default.
+Everything printed also goes to $OUT/check_gla_kernel.txt ($OUT defaults to /tmp). Time-boxed to GLA_BUDGET_S
+(default 70 s); GLA_CHECKS=0 skips 1.
 ``--smoke``: tiny shapes in Pallas' interpreter (a CPU dry run of the script itself).
 """
 
@@ -24,13 +27,14 @@ import jax.numpy as jnp  # noqa: E402
 
 from attn import _recurrent as r  # noqa: E402
 from benchmarks import _check_common as common  # noqa: E402
+from kernels_pallas.linear_recurrent import vector_gate_gpu  # noqa: E402
 from kernels_pallas.linear_recurrent.vector_gate_ops import (  # noqa: E402
     GPU_DEFAULT,
     chunked_vector_gate_recurrence,
 )
 
 START = time.perf_counter()
-BUDGET_S = 70.0
+BUDGET_S = float(os.environ.get("GLA_BUDGET_S", "70"))
 LOG_PATH = os.path.join(os.environ.get("OUT", "/tmp"), "check_gla_kernel.txt")
 SMOKE = "--smoke" in sys.argv
 CHECK_SHAPE = (1, 40, 2) if SMOKE else (2, 1024, 4)  # batch, seq, heads
@@ -77,25 +81,50 @@ def bench(config, label):
                                      reps=REPS)
 
 
+def passes(config, label):
+    """Each kernel of the Triton build alone on the benchmark's inputs (already chunk multiples and powers of two)."""
+    b, s, h, d = BENCH_SHAPE
+    q, k, v, gate, h0, dout, dfinal = inputs(jax.random.key(0), b, s, h, d, jnp.bfloat16)
+    config = dataclasses.replace(config, **{name: min(getattr(config, name) or d, d)
+                                            for name in ("state_block_k", "state_block_v", "block_v")})
+    chunk = config.chunk_size
+    cum = jnp.cumsum(gate.reshape(b, s // chunk, chunk, h, d), axis=2).reshape(b, s, h, d)
+    kw = dict(config=config, interpret=SMOKE)
+    states_fn = jax.jit(lambda k, v, cum, h0: vector_gate_gpu.states(k, v, cum, h0, **kw))
+    states, _ = states_fn(k, v, cum, h0)
+    dstates_fn = jax.jit(lambda q, dout, cum, dfinal: vector_gate_gpu.dstates(q, dout, cum, dfinal, **kw))
+    dstates, _ = dstates_fn(q, dout, cum, dfinal)
+    pieces = {
+        "state pass": (states_fn, (k, v, cum, h0)),
+        "output": (jax.jit(lambda *a: vector_gate_gpu.output(*a, **kw)), (q, k, v, cum, states)),
+        "dstate pass": (dstates_fn, (q, dout, cum, dfinal)),
+        "backward": (jax.jit(lambda *a: vector_gate_gpu.backward(*a, **kw)), (q, k, v, cum, states, dstates, dout)),
+    }
+    for name, (fn, args) in pieces.items():
+        if time.perf_counter() > START + BUDGET_S:
+            log(f"{label} {name}: skipped (time budget)")
+            continue
+        try:
+            log(f"{label} {name} alone: {common.time_call(fn, *args, reps=REPS) * 1e3:.3f} ms")
+        except Exception as e:
+            log(f"{label} {name}: FAILED {type(e).__name__}: {str(e)[:600]}")
+
+
 def main():
     log("devices:", jax.devices(), "jax", jax.__version__)
-    for d in (32, 16) if SMOKE else (128, 64):
+    for d in ((32, 16) if SMOKE else (128, 64)) if os.environ.get("GLA_CHECKS", "1") != "0" else ():
         for dtype in (jnp.bfloat16, jnp.float32):
             try:
                 check(d, dtype)
             except Exception as e:
                 log(f"D{d} {jnp.dtype(dtype).name}: FAILED {type(e).__name__}: {str(e)[:1500]}")
                 log(traceback.format_exc()[-1500:])
-    variants = [
-        ("default", GPU_DEFAULT),
-        ("warps8", dataclasses.replace(GPU_DEFAULT, num_warps=8)),
-        ("block_v64", dataclasses.replace(GPU_DEFAULT, block_v=64)),
-        ("block_v64-sub32", dataclasses.replace(GPU_DEFAULT, block_v=64, sub_chunk=32)),
-        ("state32x64-stages1", dataclasses.replace(GPU_DEFAULT, state_block_k=32, num_stages=1)),
-    ]
+    variants = [("default", GPU_DEFAULT), ("warps4", dataclasses.replace(GPU_DEFAULT, num_warps=4)),
+                ("stages3", dataclasses.replace(GPU_DEFAULT, num_stages=3))]
     for label, config in variants:
         log(f"config {label}: {config}")
         bench(config, label)
+    passes(GPU_DEFAULT, "default")
     log("done")
 
 

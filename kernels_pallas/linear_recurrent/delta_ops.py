@@ -83,8 +83,11 @@ class DeltaConfig:
                              "True or None, got False")
 
 
-# GPU (Triton): 64-step chunks, state blocks [dk, 64] in registers (fla's chunk_gated_delta_rule layout; untuned).
-GPU_DEFAULT = DeltaConfig(chunk_size=64, block_v=64, num_warps=4, num_stages=2)
+# GPU (Triton): 64-step chunks, state blocks [dk, 64] in registers (fla's chunk_gated_delta_rule layout). H200, B4
+# S8192 H16 D128 bf16 gated (benchmarks/results/check_delta_kernel_passes_h200.txt), ms forward / forward+backward:
+# this (3 stages) 2.59 / 7.65; 2 stages 2.64 / 8.02; 8 warps 3.49 / 8.99; block_v 128 2.71 / 9.03; block_v 32
+# 2.83 / 8.07.
+GPU_DEFAULT = DeltaConfig(chunk_size=64, block_v=64, num_warps=4, num_stages=3)
 # TPU: chunk rows are sublanes; the state block takes all of dv (lanes).
 TPU_DEFAULT = DeltaConfig(chunk_size=128, block_v=None)
 # CPU interpret mode (tests): small chunks so that short inputs take several (16: the GPU build's smallest tile).

@@ -33,7 +33,8 @@ def _gradient_kernel(q_ref, k_ref, u_ref, dout_ref, cum_ref, state_ref, *grad_re
 
 
 def output_gradients(q, k, u, dout, cum, all_states, *, config, interpret):
-    """-> (dq, dk like q, du like u, dcum like cum, d all_states like all_states), in the accumulation dtype."""
+    """-> (dq like q, dk like k, du like u, d all_states like all_states, each in its input's dtype (what the
+    caller casts them to: one rounding either way, half the bytes written), and dcum like cum)."""
     b, h, s, dk = q.shape
     dv = u.shape[-1]
     chunk = config.chunk_size
@@ -44,9 +45,9 @@ def output_gradients(q, k, u, dout, cum, all_states, *, config, interpret):
         grid=(b, h, s // chunk),
         in_specs=[qk_spec, qk_spec, v_spec, v_spec, cum_spec, state_spec],
         out_specs=[qk_spec, qk_spec, v_spec, cum_spec, state_spec],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, acc), jax.ShapeDtypeStruct(k.shape, acc),
-                   jax.ShapeDtypeStruct(u.shape, acc), jax.ShapeDtypeStruct(cum.shape, acc),
-                   jax.ShapeDtypeStruct(all_states.shape, acc)],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+                   jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct(cum.shape, acc),
+                   jax.ShapeDtypeStruct(all_states.shape, all_states.dtype)],
         compiler_params=compiler_params(config),
         interpret=interpret,
         name="delta_output_gradients",

@@ -116,6 +116,7 @@ def dstates(w, k_out, cum, all_states, u, dall_states, du, dfinal, *, config, in
     n_chunks, n_v = s // chunk, dv // bv
     tile_k, tile_v, gates, state, per_chunk, partial_k, partial_gates = _specs(chunk, dk, bv, n_chunks, reverse=True)
     acc = acc_dtype(w.dtype)
+    partial = w.dtype if n_v == 1 else acc  # one dv block: exact, so in the dtype the caller casts them to
     du0, dw, dk_out, dcum, dh0 = pl.pallas_call(
         functools.partial(_dstates_kernel, n_chunks=n_chunks),
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -125,8 +126,8 @@ def dstates(w, k_out, cum, all_states, u, dall_states, du, dfinal, *, config, in
             out_specs=[tile_v, partial_k, partial_k, partial_gates, state],
             scratch_shapes=[pltpu.VMEM((dk, bv), dfinal.dtype)],
         ),
-        out_shape=[jax.ShapeDtypeStruct(u.shape, acc), jax.ShapeDtypeStruct((n_v,) + w.shape, acc),
-                   jax.ShapeDtypeStruct((n_v,) + w.shape, acc), jax.ShapeDtypeStruct((n_v,) + cum.shape + (1,), acc),
+        out_shape=[jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct((n_v,) + w.shape, partial),
+                   jax.ShapeDtypeStruct((n_v,) + w.shape, partial), jax.ShapeDtypeStruct((n_v,) + cum.shape + (1,), acc),
                    jax.ShapeDtypeStruct(dfinal.shape, dfinal.dtype)],
         compiler_params=_SEQUENTIAL,
         interpret=interpret,

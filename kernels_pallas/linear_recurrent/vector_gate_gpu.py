@@ -150,8 +150,8 @@ def output(q, k, v, cum, all_states, *, config, interpret, seq_major=True, compi
 
 def backward(q, k, v, cum, all_states, all_dstates, dout, *, config, interpret, seq_major=True,
              compiler_params=None):
-    """-> (dq [n_v, *q.shape], dk like dq, dv like v, dcum like dq), in the accumulation dtype; the [n_v]
-    partials (one per dv block) are summed by the caller."""
+    """-> (dq [n_v, *q.shape], dk like dq, dv like v, dcum [n_v, *q.shape] in the accumulation dtype); the [n_v]
+    partials (one per dv block) are summed by the caller. dq and dk are in q's dtype when n_v is 1."""
     b, s, h, dk, dv = _dims(q, v, seq_major)
     chunk, bv = config.chunk_size, config.block_v
     n_v = dv // bv
@@ -161,13 +161,16 @@ def backward(q, k, v, cum, all_states, all_dstates, dout, *, config, interpret, 
     else:
         partial_k = pl.BlockSpec((None, None, None, chunk, dk), lambda bi, hi, n, vi: (vi, bi, hi, n, 0))
     acc = fwd.acc_dtype(q.dtype)
-    partial_shape = jax.ShapeDtypeStruct((n_v,) + q.shape, acc)
+    # Exact results (dv; dq and dk from a single dv block) are written in the caller's dtype, which it would cast
+    # them to: one rounding either way, fewer bytes; partial sums and dcum stay in the accumulation dtype.
+    partial_shape = jax.ShapeDtypeStruct((n_v,) + q.shape, q.dtype if n_v == 1 else acc)
+    dcum_shape = jax.ShapeDtypeStruct((n_v,) + q.shape, acc)
     return pl.pallas_call(
         functools.partial(bwd.backward_kernel, sub=config.sub_chunk),
         grid=(b, h, s // chunk, n_v),
         in_specs=[tile_k, tile_k, tile_v, tile_k, state, state, tile_v],
         out_specs=[partial_k, partial_k, tile_v, partial_k],
-        out_shape=[partial_shape, partial_shape, jax.ShapeDtypeStruct(v.shape, acc), partial_shape],
+        out_shape=[partial_shape, partial_shape, jax.ShapeDtypeStruct(v.shape, v.dtype), dcum_shape],
         compiler_params=compiler_params or _params(config),
         interpret=interpret,
         name="vector_gate_backward",

@@ -51,9 +51,11 @@ class VectorGateConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-# GPU (Triton): 64-step chunks of 16-step sub-chunks, as fla's chunk_gla (untuned guesses).
+# GPU (Triton): 64-step chunks of 16-step sub-chunks, as fla's chunk_gla. 8 warps: H200, B4 S8192 H16 D128 bf16
+# (benchmarks/results/check_gla_kernel_passes_h200.txt), 4.39 / 11.03 ms forward / forward+backward against 6.16 /
+# 16.51 with 4 warps; the chunk-parallel output and gradient kernels are most of it (3.4 and 9.1 ms).
 GPU_DEFAULT = VectorGateConfig(chunk_size=64, sub_chunk=16, state_block_k=64, state_block_v=64, block_v=None,
-                               num_warps=4, num_stages=2)
+                               num_warps=8, num_stages=2)
 # TPU: chunk rows are sublanes (multiples of 8); the chunk-parallel tiles take all of dk and dv.
 TPU_DEFAULT = VectorGateConfig(chunk_size=128, sub_chunk=32, state_block_k=None, state_block_v=None)
 # CPU interpret mode (tests): small chunks so that short inputs take several chunks and sub-chunks (16 is the
