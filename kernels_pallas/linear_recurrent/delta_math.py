@@ -52,14 +52,27 @@ def retreat(w, k_out, u, du, last, state, dstate, dot, keepdims):
     ``state`` is the state entering the chunk, ``dstate`` the gradient of the one leaving it; ``d L`` is [1, 1]
     with ``keepdims`` (TPU), else a scalar.
     """
+    du_tot, dlast, dprev = retreat_state(w, k_out, du, last, state, dstate, dot, keepdims)
+    dw, dk_out = weight_gradients(u, du_tot, state, dstate, dot, w.dtype)
+    return du_tot, dw, dk_out, dlast, dprev
+
+
+def retreat_state(w, k_out, du, last, state, dstate, dot, keepdims):
+    """The part of ``retreat`` on the recurrence's critical path -> (d u0, d L, dS), as in ``retreat``."""
     acc = dstate.dtype
     dtype = w.dtype
     du_tot = du.astype(acc) + dot(k_out, dstate.astype(dtype))
-    dk_out = dot(u.astype(dtype), dstate.astype(dtype), trans_b=True)
-    dw = -dot(du_tot.astype(dtype), state.astype(dtype), trans_b=True)
     dlast = jnp.exp(last) * total(state.astype(acc) * dstate, keepdims)
     dprev = jnp.exp(last) * dstate - dot(w, du_tot.astype(dtype), trans_a=True)
-    return du_tot, dw, dk_out, dlast, dprev
+    return du_tot, dlast, dprev
+
+
+def weight_gradients(u, du_tot, state, dstate, dot, dtype):
+    """The part of ``retreat`` off the critical path -> (d w [C, dk], d k_out [C, dk]); the products run in
+    ``dtype`` (w's). Summed over the value columns, so [C, dv] / [dk, dv] tiles give whole results."""
+    dk_out = dot(u.astype(dtype), dstate.astype(dtype), trans_b=True)
+    dw = -dot(du_tot.astype(dtype), state.astype(dtype), trans_b=True)
+    return dw, dk_out
 
 
 def output_gradients(q, k, u, dout, cum_col, cum_row, causal, state, dot, keepdims):
