@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels_pallas.linear_recurrent.vector_gate_forward import earlier_keys, make_dot, masked_decay
+from kernels_pallas.linear_recurrent.vector_gate_forward import earlier_keys, make_dot, masked_decay, pow2_at_least
 
 
 def previous_dstate(dstate, q, dout, cum, last, dot):
@@ -59,14 +59,13 @@ def backward_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, dstate_ref, dout_re
     chunk = q_ref.shape[0]
     dtype = q_ref.dtype
     dot = make_dot(dtype)
-    q, k, v, dout, cum = q_ref[...], k_ref[...], v_ref[...], dout_ref[...], cum_ref[...]
-    state, dstate = state_ref[...].astype(dtype), dstate_ref[...].astype(dtype)
     last = cum_ref[pl.ds(chunk - 1, 1), :]
-    acc = cum.dtype
-    steps = lax.broadcasted_iota(jnp.int32, (chunk, 1), 0)
-    row_sums = jnp.sum(state.astype(acc) * dstate.astype(acc), axis=1, keepdims=True)  # [dk, 1]
-    dlast = jnp.exp(last) * row_sums.T
+    acc = last.dtype
+    dlast = jnp.zeros(last.shape, acc)
     n_sub = chunk // sub
+    state, dstate = state_ref[...].astype(dtype), dstate_ref[...].astype(dtype)
+    # Tiles are read from their refs where they are used (no whole-chunk tile stays live across sub-chunks), and
+    # the products with earlier / later sub-chunks take only the rows those need, rounded up to a power of two.
     for m in range(n_sub):
         start = m * sub
         rows = pl.ds(start, sub)
@@ -78,19 +77,24 @@ def backward_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, dstate_ref, dout_re
         dlast += jnp.sum(k_sub * dk, axis=0, keepdims=True)
         dv = dot((k_sub * to_end).astype(dtype), dstate)
         if m:  # earlier sub-chunks (columns) -> these rows: dq
+            earlier = pl.ds(0, pow2_at_least(start))
             ref_row = cum_ref[pl.ds(start - 1, 1), :]
-            dscores = dot(dout_sub, v, trans_b=True)  # [sub, C]; columns at or after `start` meet zero keys
-            keys = earlier_keys(k, cum, ref_row, start).astype(dtype)
+            dscores = dot(dout_sub, v_ref[earlier, :], trans_b=True)  # columns from `start` on meet zero keys
+            keys = earlier_keys(k_ref[earlier, :], cum_ref[earlier, :], ref_row, start).astype(dtype)
             dq += jnp.exp(cum_sub - ref_row) * dot(dscores.astype(dtype), keys)
         if m < n_sub - 1:  # these columns -> later sub-chunks' rows: dk, dv
+            first = chunk - pow2_at_least(chunk - start - sub)
+            later = pl.ds(first, chunk - first)
             ref_row = cum_ref[pl.ds(start + sub - 1, 1), :]
-            after = steps >= start + sub
-            q_hat = jnp.where(after, q * masked_decay(cum, ref_row, after), 0.0).astype(dtype)  # [C, dk]
+            after = first + lax.broadcasted_iota(jnp.int32, (chunk - first, 1), 0) >= start + sub
+            q_hat = jnp.where(after, q_ref[later, :] * masked_decay(cum_ref[later, :], ref_row, after), 0.0)
+            q_hat = q_hat.astype(dtype)
             from_ref = jnp.exp(ref_row - cum_sub)
-            dscores = dot(dout, v_sub, trans_b=True)  # [C, sub]; rows before `start + sub` meet zero queries
+            dout_later = dout_ref[later, :]
+            dscores = dot(dout_later, v_sub, trans_b=True)  # rows before `start + sub` meet zero queries
             dk += from_ref * dot(dscores.astype(dtype), q_hat, trans_a=True)
-            scores = dot(q_hat, (k_sub * from_ref).astype(dtype), trans_b=True)  # [C, sub]
-            dv += dot(scores.astype(dtype), dout, trans_a=True)
+            scores = dot(q_hat, (k_sub * from_ref).astype(dtype), trans_b=True)
+            dv += dot(scores.astype(dtype), dout_later, trans_a=True)
         scores, dq_diag, dk_diag = diagonal_backward(q_sub, k_sub, cum_sub, dot(dout_sub, v_sub, trans_b=True),
                                                      k_ref, cum_ref, start)
         dq += dq_diag
@@ -98,6 +102,8 @@ def backward_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, dstate_ref, dout_re
         dv += dot(scores.astype(dtype), dout_sub, trans_a=True)
         dcum = q_sub * dq - k_sub * dk
         if m == n_sub - 1:
+            row_sums = jnp.sum(state.astype(acc) * dstate.astype(acc), axis=1, keepdims=True)  # [dk, 1]
+            dlast += jnp.exp(last) * row_sums.T
             dcum += jnp.where(lax.broadcasted_iota(jnp.int32, (sub, 1), 0) == sub - 1, dlast, 0.0)
         dq_ref[rows, :] = dq.astype(dq_ref.dtype)
         dk_ref[rows, :] = dk.astype(dk_ref.dtype)

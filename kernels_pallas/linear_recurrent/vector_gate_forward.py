@@ -58,12 +58,20 @@ def earlier_keys(k, cum, ref_row, start):
     return jnp.where(before, k * masked_decay(ref_row, cum, before), 0.0)
 
 
+def pow2_at_least(n):
+    """The smallest power of two >= n (Triton's tiles are powers of two): products with the earlier or later
+    sub-chunks take that many rows, masked, instead of the whole chunk."""
+    return 1 << (n - 1).bit_length()
+
+
 def output_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, out_ref, *, sub):
     """One chunk's output for one dv block: q/k/cum [C, dk], v/out [C, bv], state [dk, bv] (entering the chunk)."""
     chunk = q_ref.shape[0]
     dtype = q_ref.dtype
     dot = make_dot(dtype)
-    k, v, cum, state = k_ref[...], v_ref[...], cum_ref[...], state_ref[...].astype(dtype)
+    # k, v and cum are read where used, only the rows that the earlier sub-chunks need: whole-chunk tiles held
+    # across the sub-chunks spilled registers (benchmarks/triton_resources.py).
+    state = state_ref[...].astype(dtype)
     for m in range(chunk // sub):
         start = m * sub
         rows = pl.ds(start, sub)
@@ -72,8 +80,10 @@ def output_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, out_ref, *, sub):
         if m:  # earlier sub-chunks, referenced to the last step before this one
             ref_row = cum_ref[pl.ds(start - 1, 1), :]
             q_hat = (q_sub * jnp.exp(cum_sub - ref_row)).astype(dtype)
-            scores = dot(q_hat, earlier_keys(k, cum, ref_row, start).astype(dtype), trans_b=True)  # [sub, C]
-            out += dot(scores.astype(dtype), v)
+            earlier = pl.ds(0, pow2_at_least(start))
+            keys = earlier_keys(k_ref[earlier, :], cum_ref[earlier, :], ref_row, start).astype(dtype)
+            scores = dot(q_hat, keys, trans_b=True)  # [sub, rows before start and masked ones]
+            out += dot(scores.astype(dtype), v_ref[earlier, :])
         scores = diagonal_scores(q_sub, cum_sub, k_ref, cum_ref, start)
         out += dot(scores.astype(dtype), v_ref[rows, :])
         out_ref[rows, :] = out.astype(out_ref.dtype)
