@@ -6,7 +6,7 @@ Run on the GPU machine from the repository root: ``PYTHONPATH=. python benchmark
    inputs); prints max abs and relative (Frobenius) errors.
 2. Forward and forward+backward at B4 S8192 H16 D128 bf16 for a few configs: median ms and tokens/s.
 3. Where the time goes at that shape: each of the four kernels (state pass, output, dstate pass, backward) alone,
-   median ms, for the default.
+   median ms, for the default and with the forward's scores in their own kernel (``scores_kernel``).
 Everything printed also goes to $OUT/check_gla_kernel.txt ($OUT defaults to /tmp). Time-boxed to GLA_BUDGET_S
 (default 70 s); GLA_CHECKS=0 skips 1.
 ``--smoke``: tiny shapes in Pallas' interpreter (a CPU dry run of the script itself).
@@ -119,12 +119,15 @@ def main():
             except Exception as e:
                 log(f"D{d} {jnp.dtype(dtype).name}: FAILED {type(e).__name__}: {str(e)[:1500]}")
                 log(traceback.format_exc()[-1500:])
-    variants = [("default", GPU_DEFAULT), ("warps4", dataclasses.replace(GPU_DEFAULT, num_warps=4)),
-                ("stages3", dataclasses.replace(GPU_DEFAULT, num_stages=3))]
+    scores = dataclasses.replace(GPU_DEFAULT, scores_kernel=True)
+    variants = [("default", GPU_DEFAULT), ("scores-kernel", scores),
+                ("scores-kernel-warps4", dataclasses.replace(scores, num_warps=4)),
+                ("warps4", dataclasses.replace(GPU_DEFAULT, num_warps=4))]
     for label, config in variants:
         log(f"config {label}: {config}")
         bench(config, label)
     passes(GPU_DEFAULT, "default")
+    passes(scores, "scores-kernel")
     log("done")
 
 

@@ -39,6 +39,9 @@ def _check_against_reference(backend, case, config, tol=1e-5):
 GPU_CASES = {
     # dk 8 / dv 12 are padded to 16; two chunks of two sub-chunks, the second chunk partial.
     "odd-length-initial-state": ((1, 37, 2, 8, 12, True), VectorGateConfig(chunk_size=32, sub_chunk=16)),
+    # The forward's scores in their own kernel: four sub-chunks (first, middle, last), two dv blocks.
+    "scores-kernel": ((1, 70, 1, 16, 32, True),
+                      VectorGateConfig(chunk_size=64, sub_chunk=16, block_v=16, scores_kernel=True)),
 }
 
 
@@ -113,11 +116,14 @@ def test_gla_pallas_implementation_matches_chunked_with_gqa():
     helpers.check_mechanism_pallas_matches_chunked("gla")
 
 
-def test_gpu_default_lowers_to_triton_kernels_on_a_cpu_only_machine():
-    """The GPU default (config=None, backend="triton") at B1 S256 H2 D128 bf16, forward and backward, lowers
-    through Pallas' Triton lowering (no GPU needed; ptxas is not run)."""
+@pytest.mark.parametrize("config,kernels", [(None, 4), (VectorGateConfig(scores_kernel=True), 5)],
+                         ids=["default", "scores-kernel"])
+def test_gpu_build_lowers_to_triton_kernels_on_a_cpu_only_machine(config, kernels):
+    """The GPU default (config=None, backend="triton") and the separate scores kernel at B1 S256 H2 D128 bf16,
+    forward (its value too) and backward, lower through Pallas' Triton lowering (no GPU needed; ptxas is not run):
+    state pass, output (or scores + output), dstate pass, gradients."""
     q = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
     gate = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.float32)
-    attend = lambda q, k, v, g: chunked_vector_gate_recurrence(q, k, v, g, backend="triton")[0]
-    f = jax.grad(lambda *a: attend(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2, 3))
-    assert kernel_helpers.triton_kernels_lowered(f, q, q, q, gate) >= 3
+    attend = lambda q, k, v, g: chunked_vector_gate_recurrence(q, k, v, g, backend="triton", config=config)[0]
+    f = jax.value_and_grad(lambda *a: attend(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2, 3))
+    assert kernel_helpers.triton_kernels_lowered(f, q, q, q, gate) == kernels

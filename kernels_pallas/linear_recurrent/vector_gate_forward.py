@@ -37,19 +37,20 @@ def next_state(state, k, v, cum, last, dot):
     return jnp.exp(last).T * state + dot(k_out, v, trans_a=True)
 
 
-def diagonal_scores(q_sub, cum_sub, k_ref, cum_ref, start):
-    """A_ts for t, s inside the sub-chunk at rows [start, start + sub): [sub, sub], zero above the diagonal."""
+def diagonal_scores(q_sub, cum_sub, k_ref, cum_ref, start, width=None):
+    """A_ts for t, s inside the sub-chunk at rows [start, start + sub): [sub, sub], zero above the diagonal; with
+    ``width`` (the chunk), [sub, width] with those scores in columns [start, start + sub) and zeros elsewhere."""
     sub = q_sub.shape[0]
     q_sub = q_sub.astype(cum_sub.dtype)
     rows = lax.broadcasted_iota(jnp.int32, (sub, 1), 0)
-    cols = lax.broadcasted_iota(jnp.int32, (sub, sub), 1)
+    cols = lax.broadcasted_iota(jnp.int32, (sub, width or sub), 1) - (0 if width is None else start)
 
     def column(j, scores):
         k_j = k_ref[pl.ds(start + j, 1), :].astype(cum_sub.dtype)
         decay = masked_decay(cum_sub, cum_ref[pl.ds(start + j, 1), :], rows >= j)
         return jnp.where(cols == j, jnp.sum(q_sub * k_j * decay, axis=1, keepdims=True), scores)
 
-    return lax.fori_loop(0, sub, column, jnp.zeros((sub, sub), cum_sub.dtype))
+    return lax.fori_loop(0, sub, column, jnp.zeros(cols.shape, cum_sub.dtype))
 
 
 def earlier_keys(k, cum, ref_row, start):
@@ -87,3 +88,29 @@ def output_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, out_ref, *, sub):
         scores = diagonal_scores(q_sub, cum_sub, k_ref, cum_ref, start)
         out += dot(scores.astype(dtype), v_ref[rows, :])
         out_ref[rows, :] = out.astype(out_ref.dtype)
+
+
+def scores_kernel(q_ref, k_ref, cum_ref, scores_ref, *, sub):
+    """The intra-chunk scores A [sub, C] of one sub-chunk's rows (``pl.program_id(3)``; ``VectorGateConfig.
+    scores_kernel``): q/scores [sub, ...] tiles of those rows, k/cum the whole chunk. Earlier sub-chunks by one
+    masked matmul referenced to the step before this sub-chunk, this sub-chunk by ``diagonal_scores``."""
+    chunk = k_ref.shape[0]
+    dtype = q_ref.dtype
+    start = pl.program_id(3) * sub
+    q_sub, cum_sub = q_ref[...], cum_ref[pl.ds(start, sub), :]
+    # For the first sub-chunk every key is masked and any row at or before it is a valid reference.
+    ref_row = cum_ref[pl.ds(jnp.maximum(start - 1, 0), 1), :]
+    q_hat = (q_sub * jnp.exp(cum_sub - ref_row)).astype(dtype)
+    keys = earlier_keys(k_ref[...], cum_ref[...], ref_row, start).astype(dtype)
+    scores = make_dot(dtype)(q_hat, keys, trans_b=True)
+    scores += diagonal_scores(q_sub, cum_sub, k_ref, cum_ref, start, width=chunk)
+    scores_ref[...] = scores.astype(scores_ref.dtype)
+
+
+def output_from_scores_kernel(q_ref, v_ref, cum_ref, state_ref, scores_ref, out_ref):
+    """``output_kernel``'s result from the chunk's scores A (``scores_kernel``): (q * exp(cum)) S + A V."""
+    dtype = q_ref.dtype
+    dot = make_dot(dtype)
+    out = dot((q_ref[...] * jnp.exp(cum_ref[...])).astype(dtype), state_ref[...].astype(dtype))
+    out += dot(scores_ref[...].astype(dtype), v_ref[...])
+    out_ref[...] = out.astype(out_ref.dtype)

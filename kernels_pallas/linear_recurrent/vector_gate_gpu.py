@@ -131,11 +131,47 @@ def _dims(q, v, seq_major):
     return b, s, h, dk, v.shape[-1]
 
 
+def scores(q, k, cum, *, config, interpret, seq_major=True, compiler_params=None):
+    """-> the intra-chunk scores A [b, s, h, C] (heads-first without ``seq_major``) in q's dtype, one program per
+    (batch, head, chunk, sub-chunk) (``fwd.scores_kernel``)."""
+    b, s, h, dk, _ = _dims(q, q, seq_major)
+    chunk, sub = config.chunk_size, config.sub_chunk
+    n_sub = chunk // sub
+    whole = seq_spec(chunk, dk, seq_major, lambda bi, hi, n, m: (bi, hi, n, 0))
+    rows = seq_spec(sub, dk, seq_major, lambda bi, hi, n, m: (bi, hi, n * n_sub + m, 0))
+    scores_rows = seq_spec(sub, chunk, seq_major, lambda bi, hi, n, m: (bi, hi, n * n_sub + m, 0))
+    return pl.pallas_call(
+        functools.partial(fwd.scores_kernel, sub=sub),
+        grid=(b, h, s // chunk, n_sub),
+        in_specs=[rows, whole, whole],
+        out_specs=scores_rows,
+        out_shape=jax.ShapeDtypeStruct(q.shape[:-1] + (chunk,), q.dtype),
+        compiler_params=compiler_params or _params(config),
+        interpret=interpret,
+        name="vector_gate_scores",
+    )(q, k, cum)
+
+
 def output(q, k, v, cum, all_states, *, config, interpret, seq_major=True, compiler_params=None):
-    """-> out like v in q's dtype, chunk-parallel from the states entering each chunk."""
+    """-> out like v in q's dtype, chunk-parallel from the states entering each chunk; with
+    ``config.scores_kernel`` from the scores of ``scores`` (two kernels), else in one kernel."""
     b, s, h, dk, dv = _dims(q, v, seq_major)
     chunk, bv = config.chunk_size, config.block_v
     tile_k, tile_v, state = _chunk_specs(chunk, dk, bv, seq_major)
+    if config.scores_kernel:
+        chunk_scores = scores(q, k, cum, config=config, interpret=interpret, seq_major=seq_major,
+                              compiler_params=compiler_params)
+        tile_scores = seq_spec(chunk, chunk, seq_major, lambda bi, hi, n, vi: (bi, hi, n, 0))
+        return pl.pallas_call(
+            fwd.output_from_scores_kernel,
+            grid=(b, h, s // chunk, dv // bv),
+            in_specs=[tile_k, tile_v, tile_k, state, tile_scores],
+            out_specs=tile_v,
+            out_shape=jax.ShapeDtypeStruct(v.shape, q.dtype),
+            compiler_params=compiler_params or _params(config),
+            interpret=interpret,
+            name="vector_gate_output_from_scores",
+        )(q, v, cum, all_states, chunk_scores)
     return pl.pallas_call(
         functools.partial(fwd.output_kernel, sub=config.sub_chunk),
         grid=(b, h, s // chunk, dv // bv),

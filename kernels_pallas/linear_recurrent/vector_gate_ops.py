@@ -25,6 +25,9 @@ class VectorGateConfig:
       block_v: value columns per program of the chunk-parallel passes (None = all of dv). Splitting dv gives more
         programs at the price of recomputing the chunk's gate products and summing partial dq, dk, dgate.
       num_warps, num_stages: Triton launch settings (ignored on TPU and in interpret mode).
+      scores_kernel: the forward's output in two chunk-parallel kernels, as fla lays it out: the intra-chunk scores
+        A (one program per sub-chunk) written in q's dtype, then (q * exp(cum)) S + A V; else one kernel. Fewer
+        tiles live in each kernel (registers: ``benchmarks/triton_resources.py``). Opt-in, not yet timed.
     """
 
     chunk_size: int = 64
@@ -34,6 +37,7 @@ class VectorGateConfig:
     block_v: int | None = None
     num_warps: int = 4
     num_stages: int = 2
+    scores_kernel: bool = False
 
     def validate(self, min_tile: int) -> None:
         """Raises ValueError unless the sizes are powers of two >= ``min_tile`` and sub_chunk divides chunk_size."""
@@ -49,6 +53,8 @@ class VectorGateConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.scores_kernel, bool):
+            raise ValueError(f"scores_kernel must be a bool, got {self.scores_kernel!r}")
 
 
 # GPU (Triton): 64-step chunks of 16-step sub-chunks, as fla's chunk_gla. 8 warps: H200, B4 S8192 H16 D128 bf16
