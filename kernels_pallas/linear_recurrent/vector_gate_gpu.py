@@ -162,26 +162,21 @@ def output(q, k, v, cum, all_states, *, config, interpret, seq_major=True, compi
         chunk_scores = scores(q, k, cum, config=config, interpret=interpret, seq_major=seq_major,
                               compiler_params=compiler_params)
         tile_scores = seq_spec(chunk, chunk, seq_major, lambda bi, hi, n, vi: (bi, hi, n, 0))
-        return pl.pallas_call(
-            fwd.output_from_scores_kernel,
-            grid=(b, h, s // chunk, dv // bv),
-            in_specs=[tile_k, tile_v, tile_k, state, tile_scores],
-            out_specs=tile_v,
-            out_shape=jax.ShapeDtypeStruct(v.shape, q.dtype),
-            compiler_params=compiler_params or _params(config),
-            interpret=interpret,
-            name="vector_gate_output_from_scores",
-        )(q, v, cum, all_states, chunk_scores)
+        kernel, name = fwd.output_from_scores_kernel, "vector_gate_output_from_scores"
+        operands, in_specs = (q, v, cum, all_states, chunk_scores), [tile_k, tile_v, tile_k, state, tile_scores]
+    else:
+        kernel, name = functools.partial(fwd.output_kernel, sub=config.sub_chunk), "vector_gate_output"
+        operands, in_specs = (q, k, v, cum, all_states), [tile_k, tile_k, tile_v, tile_k, state]
     return pl.pallas_call(
-        functools.partial(fwd.output_kernel, sub=config.sub_chunk),
+        kernel,
         grid=(b, h, s // chunk, dv // bv),
-        in_specs=[tile_k, tile_k, tile_v, tile_k, state],
+        in_specs=in_specs,
         out_specs=tile_v,
         out_shape=jax.ShapeDtypeStruct(v.shape, q.dtype),
         compiler_params=compiler_params or _params(config),
         interpret=interpret,
-        name="vector_gate_output",
-    )(q, k, v, cum, all_states)
+        name=name,
+    )(*operands)
 
 
 def backward(q, k, v, cum, all_states, all_dstates, dout, *, config, interpret, seq_major=True,
