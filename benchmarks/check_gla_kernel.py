@@ -5,8 +5,9 @@ Run on the GPU machine from the repository root: ``PYTHONPATH=. python benchmark
    log_gate and the initial state against ``attn._recurrent.linear_recurrence`` (chunked, float32 maths on the same
    inputs); prints max abs and relative (Frobenius) errors.
 2. Forward and forward+backward at B4 S8192 H16 D128 bf16 for a few configs: median ms and tokens/s.
-3. Where the time goes at that shape: each of the four kernels (state pass, output, dstate pass, backward) alone,
-   median ms, for the default and with the forward's scores in their own kernel (``scores_kernel``).
+3. Where the time goes at that shape: each kernel alone (state pass, output, dstate pass, backward; with
+   ``scores_kernel``, the default, also scores, dscores and intra-chunk gradients), median ms, for the default
+   and with the one-kernel output and gradients.
 Everything printed also goes to $OUT/check_gla_kernel.txt ($OUT defaults to /tmp). Time-boxed to GLA_BUDGET_S
 (default 70 s); GLA_CHECKS=0 skips 1.
 ``--smoke``: tiny shapes in Pallas' interpreter (a CPU dry run of the script itself).
@@ -94,12 +95,24 @@ def passes(config, label):
     states, _ = states_fn(k, v, cum, h0)
     dstates_fn = jax.jit(lambda q, dout, cum, dfinal: vector_gate_gpu.dstates(q, dout, cum, dfinal, **kw))
     dstates, _ = dstates_fn(q, dout, cum, dfinal)
-    pieces = {
-        "state pass": (states_fn, (k, v, cum, h0)),
-        "output": (jax.jit(lambda *a: vector_gate_gpu.output(*a, **kw)), (q, k, v, cum, states)),
-        "dstate pass": (dstates_fn, (q, dout, cum, dfinal)),
-        "backward": (jax.jit(lambda *a: vector_gate_gpu.backward(*a, **kw)), (q, k, v, cum, states, dstates, dout)),
-    }
+    pieces = {"state pass": (states_fn, (k, v, cum, h0))}
+    scores, intra = (), ()
+    if config.scores_kernel:
+        scores_fn = jax.jit(lambda q, k, cum: vector_gate_gpu.scores(q, k, cum, **kw))
+        dscores_fn = jax.jit(lambda v, dout: vector_gate_gpu.dscores(v, dout, **kw))
+        intra_fn = jax.jit(lambda q, k, cum, pair: vector_gate_gpu.intra_gradients(q, k, cum, pair, **kw))
+        scores, pair = (scores_fn(q, k, cum),), dscores_fn(v, dout)
+        intra = (intra_fn(q, k, cum, pair),)
+        pieces["scores"] = (scores_fn, (q, k, cum))
+    pieces["output"] = (jax.jit(lambda *a: vector_gate_gpu.output(*a[:5], scores=(a[5:] or (None,))[0], **kw)),
+                        (q, k, v, cum, states) + scores)
+    pieces["dstate pass"] = (dstates_fn, (q, dout, cum, dfinal))
+    if config.scores_kernel:
+        pieces["dscores"] = (dscores_fn, (v, dout))
+        pieces["intra-chunk gradients"] = (intra_fn, (q, k, cum, pair))
+    pieces["backward"] = (jax.jit(lambda *a: vector_gate_gpu.backward(*a[:7], scores=(a[7:] or (None,))[0],
+                                                                      intra=(a[8:] or (None,))[0], **kw)),
+                          (q, k, v, cum, states, dstates, dout) + scores + intra)
     for name, (fn, args) in pieces.items():
         if time.perf_counter() > START + BUDGET_S:
             log(f"{label} {name}: skipped (time budget)")
@@ -119,15 +132,14 @@ def main():
             except Exception as e:
                 log(f"D{d} {jnp.dtype(dtype).name}: FAILED {type(e).__name__}: {str(e)[:1500]}")
                 log(traceback.format_exc()[-1500:])
-    scores = dataclasses.replace(GPU_DEFAULT, scores_kernel=True)
-    variants = [("default", GPU_DEFAULT), ("scores-kernel", scores),
-                ("scores-kernel-warps4", dataclasses.replace(scores, num_warps=4)),
-                ("warps4", dataclasses.replace(GPU_DEFAULT, num_warps=4))]
+    one_kernel = dataclasses.replace(GPU_DEFAULT, scores_kernel=False)
+    variants = [("default", GPU_DEFAULT), ("one-kernel output and gradients", one_kernel),
+                ("scores warps 8", dataclasses.replace(GPU_DEFAULT, scores_warps=8))]
     for label, config in variants:
         log(f"config {label}: {config}")
         bench(config, label)
     passes(GPU_DEFAULT, "default")
-    passes(scores, "scores-kernel")
+    passes(one_kernel, "one-kernel")
     log("done")
 
 

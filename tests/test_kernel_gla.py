@@ -39,7 +39,8 @@ def _check_against_reference(backend, case, config, tol=1e-5):
 GPU_CASES = {
     # dk 8 / dv 12 are padded to 16; two chunks of two sub-chunks, the second chunk partial.
     "odd-length-initial-state": ((1, 37, 2, 8, 12, True), VectorGateConfig(chunk_size=32, sub_chunk=16)),
-    # The forward's scores in their own kernel: four sub-chunks (first, middle, last), two dv blocks.
+    # The scores in their own kernels (A forward, dA backward): four sub-chunks (first, middle, last), two dv
+    # blocks (dA's terms go to one block's partials).
     "scores-kernel": ((1, 70, 1, 16, 32, True),
                       VectorGateConfig(chunk_size=64, sub_chunk=16, block_v=16, scores_kernel=True)),
 }
@@ -96,6 +97,8 @@ BAD_ARGUMENTS = {
     "scalar gate instead of one per key dim": (dict(log_gate=jnp.zeros((1, 16, 2))), "log_gate"),
     "gate of the wrong width": (dict(log_gate=jnp.zeros((1, 16, 2, 8))), "log_gate"),
     "sub-chunk not dividing the chunk": (dict(config=VectorGateConfig(chunk_size=16, sub_chunk=32)), "sub_chunk"),
+    "scores kernel on TPU": (dict(config=VectorGateConfig(scores_kernel=True), backend="mosaic_tpu"),
+                             "scores_kernel"),
     **helpers.COMMON_BAD_ARGUMENTS,
 }
 
@@ -116,12 +119,13 @@ def test_gla_pallas_implementation_matches_chunked_with_gqa():
     helpers.check_mechanism_pallas_matches_chunked("gla")
 
 
-@pytest.mark.parametrize("config,kernels", [(None, 4), (VectorGateConfig(scores_kernel=True), 5)],
-                         ids=["default", "scores-kernel"])
+@pytest.mark.parametrize("config,kernels", [(None, 7), (VectorGateConfig(num_warps=8), 4)],
+                         ids=["default", "one-kernel"])
 def test_gpu_build_lowers_to_triton_kernels_on_a_cpu_only_machine(config, kernels):
-    """The GPU default (config=None, backend="triton") and the separate scores kernel at B1 S256 H2 D128 bf16,
-    forward (its value too) and backward, lower through Pallas' Triton lowering (no GPU needed; ptxas is not run):
-    state pass, output (or scores + output), dstate pass, gradients."""
+    """The GPU default (config=None, backend="triton": ``scores_kernel``) and the one-kernel output and gradients
+    at B1 S256 H2 D128 bf16, forward (its value too) and backward, lower through Pallas' Triton lowering (no GPU
+    needed; ptxas is not run): state pass, scores + output (or output), dstate pass, dscores + intra-chunk
+    gradients + gradients (or gradients)."""
     q = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
     gate = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.float32)
     attend = lambda q, k, v, g: chunked_vector_gate_recurrence(q, k, v, g, backend="triton", config=config)[0]

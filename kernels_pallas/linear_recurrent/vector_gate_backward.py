@@ -12,6 +12,13 @@ and for the gates, per key dimension, ``dcum_t = q_t * dq_t - k_t * dk_t`` (each
 exp(+cum_t) and with k_t as exp(-cum_t)) plus, at the chunk's last step,
 ``dlast = exp(last) * rowsum(h * dh) + sum_s k_s * exp(last - cum_s) * (v_s dh^T)``.
 The sub-chunk split is the forward's: a bounded matmul between sub-chunks, an elementwise loop inside one.
+
+``backward_kernel`` does it all in one program per chunk, forming A and dA in registers; inside a sub-chunk that
+takes three cross-thread reductions per column. With ``VectorGateConfig.scores_kernel`` the work is split as in
+fla's GLA backward: the forward's A is kept, ``dscores_kernel`` writes dA and its transpose,
+``intra_gradients_kernel`` (one program per sub-chunk) reads their columns for the terms of dq and dk from inside
+the chunk (its loop inside a sub-chunk is elementwise: step j updates dq of rows t >= j and dk of rows s <= j),
+and ``inter_gradients_kernel`` adds the terms through the states and forms dv and dcum with whole-chunk matmuls.
 """
 
 from __future__ import annotations
@@ -52,6 +59,109 @@ def diagonal_backward(q_sub, k_sub, cum_sub, dscores, k_ref, cum_ref, start):
     return lax.fori_loop(0, sub, column, (jnp.zeros((sub, sub), acc), zeros, zeros))
 
 
+def through_states(k_sub, v_sub, dout_sub, cum_sub, last, state, dstate, dot):
+    """The sub-chunk's gradients through the states entering (``state``) and leaving (``dstate``) the chunk:
+    (dq, dk, dv, the rows' share of dlast)."""
+    dq = jnp.exp(cum_sub) * dot(dout_sub, state, trans_b=True)
+    to_end = jnp.exp(last - cum_sub)
+    dk = to_end * dot(v_sub, dstate, trans_b=True)
+    dv = dot((k_sub * to_end).astype(k_sub.dtype), dstate)
+    return dq, dk, dv, jnp.sum(k_sub * dk, axis=0, keepdims=True)
+
+
+def write_rows(out_refs, rows, q_sub, k_sub, dq, dk, dv, dlast=None, closing=None):
+    """Stores the sub-chunk's dq, dk, dv and dcum = q dq - k dk; for the chunk's last sub-chunk ``closing`` =
+    (last, state, dstate) adds the gradient of ``last`` (``dlast`` summed over the chunk) to its last row."""
+    dq_ref, dk_ref, dv_ref, dcum_ref = out_refs
+    dcum = q_sub * dq - k_sub * dk
+    if closing is not None:
+        last, state, dstate = closing
+        row_sums = jnp.sum(state.astype(last.dtype) * dstate.astype(last.dtype), axis=1, keepdims=True)  # [dk, 1]
+        dlast += jnp.exp(last) * row_sums.T
+        dcum += jnp.where(lax.broadcasted_iota(jnp.int32, (dcum.shape[0], 1), 0) == dcum.shape[0] - 1, dlast, 0.0)
+    dq_ref[rows, :] = dq.astype(dq_ref.dtype)
+    dk_ref[rows, :] = dk.astype(dk_ref.dtype)
+    dv_ref[rows, :] = dv.astype(dv_ref.dtype)
+    dcum_ref[rows, :] = dcum.astype(dcum_ref.dtype)
+
+
+def dscores_kernel(v_ref, dout_ref, dscores_ref, dscores_t_ref):
+    """One chunk's dA_ts = do_t . v_s for s <= t (zero above the diagonal) and its transpose: [C, C] each, in the
+    accumulation dtype (the loops inside sub-chunks read them unrounded)."""
+    dot = make_dot(v_ref.dtype)
+    v, dout = v_ref[...], dout_ref[...]
+    chunk = v.shape[0]
+    rows = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
+    cols = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
+    dscores_ref[...] = jnp.where(rows >= cols, dot(dout, v, trans_b=True), 0.0).astype(dscores_ref.dtype)
+    dscores_t_ref[...] = jnp.where(rows <= cols, dot(v, dout, trans_b=True), 0.0).astype(dscores_t_ref.dtype)
+
+
+def diagonal_gradients(q_ref, k_ref, cum_ref, dscores_ref, dscores_t_ref, start, sub):
+    """Inside the sub-chunk at rows [start, start + sub): (dq [sub, dk], dk [sub, dk]) from columns of dA and dA^T.
+    Step j adds dA_tj k_j exp(cum_t - cum_j) to the rows t >= j of dq and dA_js q_j exp(cum_j - cum_s) to the rows
+    s <= j of dk: elementwise, no reductions."""
+    rows = pl.ds(start, sub)
+    cum_sub = cum_ref[rows, :]
+    acc = cum_sub.dtype
+    row_ids = lax.broadcasted_iota(jnp.int32, (sub, 1), 0)
+
+    def step(j, carry):
+        dq, dk = carry
+        at_j = pl.ds(start + j, 1)
+        cum_j = cum_ref[at_j, :]
+        dq += dscores_ref[rows, at_j] * k_ref[at_j, :].astype(acc) * masked_decay(cum_sub, cum_j, row_ids >= j)
+        dk += dscores_t_ref[rows, at_j] * q_ref[at_j, :].astype(acc) * masked_decay(cum_j, cum_sub, row_ids <= j)
+        return dq, dk
+
+    zeros = jnp.zeros(cum_sub.shape, acc)
+    return lax.fori_loop(0, sub, step, (zeros, zeros))
+
+
+def intra_gradients_kernel(q_ref, k_ref, cum_ref, dscores_ref, dscores_t_ref, dq_ref, dk_ref, *, sub):
+    """The terms of dq and dk from inside the chunk, for the rows of one sub-chunk (``pl.program_id(3)``): q/k/cum
+    the whole chunk [C, dk], dscores/dscores_t its dA and dA^T [C, C], dq/dk [sub, dk] tiles of those rows.
+    Earlier sub-chunks (for dq) and later ones (for dk) by a masked matmul over the whole chunk, referenced to the
+    step before / the last step of this sub-chunk; this sub-chunk by ``diagonal_gradients``."""
+    chunk = q_ref.shape[0]
+    dtype = q_ref.dtype
+    dot = make_dot(dtype)
+    start = pl.program_id(3) * sub
+    rows = pl.ds(start, sub)
+    cum_sub = cum_ref[rows, :]
+    dq, dk = diagonal_gradients(q_ref, k_ref, cum_ref, dscores_ref, dscores_t_ref, start, sub)
+    # For the first sub-chunk every key is masked and any row at or before it is a valid reference.
+    ref_row = cum_ref[pl.ds(jnp.maximum(start - 1, 0), 1), :]
+    keys = earlier_keys(k_ref[...], cum_ref[...], ref_row, start).astype(dtype)
+    dq += jnp.exp(cum_sub - ref_row) * dot(dscores_ref[rows, :].astype(dtype), keys)
+    ref_row = cum_ref[pl.ds(start + sub - 1, 1), :]
+    after = lax.broadcasted_iota(jnp.int32, (chunk, 1), 0) >= start + sub
+    q_hat = jnp.where(after, q_ref[...] * masked_decay(cum_ref[...], ref_row, after), 0.0).astype(dtype)
+    dk += jnp.exp(ref_row - cum_sub) * dot(dscores_ref[:, rows].astype(dtype), q_hat, trans_a=True)
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+
+
+def inter_gradients_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, dstate_ref, dout_ref, scores_ref,
+                           dq_intra_ref, dk_intra_ref, dq_ref, dk_ref, dv_ref, dcum_ref):
+    """``backward_kernel``'s results from the forward's scores A [C, C] and ``intra_gradients_kernel``'s terms,
+    whole-chunk matmuls only: dq, dk through the states (plus the intra terms, which span all of dv, in the first
+    dv block's partials), dv = (k exp(last - cum)) dh + A^T dO, dcum."""
+    chunk = q_ref.shape[0]
+    dtype = q_ref.dtype
+    dot = make_dot(dtype)
+    last = cum_ref[pl.ds(chunk - 1, 1), :]
+    state, dstate = state_ref[...].astype(dtype), dstate_ref[...].astype(dtype)
+    dq, dk, dv, dlast = through_states(k_ref[...], v_ref[...], dout_ref[...], cum_ref[...], last, state, dstate,
+                                       dot)
+    dv += dot(scores_ref[...].astype(dtype), dout_ref[...], trans_a=True)
+    first_block = pl.program_id(3) == 0
+    dq += jnp.where(first_block, dq_intra_ref[...], 0.0)
+    dk += jnp.where(first_block, dk_intra_ref[...], 0.0)
+    write_rows((dq_ref, dk_ref, dv_ref, dcum_ref), pl.ds(0, chunk), q_ref[...], k_ref[...], dq, dk, dv, dlast,
+               (last, state, dstate))
+
+
 def backward_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, dstate_ref, dout_ref,
                     dq_ref, dk_ref, dv_ref, dcum_ref, *, sub):
     """One chunk, one dv block: dq, dk and dcum are this block's partials (summed over dv blocks by the caller),
@@ -60,8 +170,7 @@ def backward_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, dstate_ref, dout_re
     dtype = q_ref.dtype
     dot = make_dot(dtype)
     last = cum_ref[pl.ds(chunk - 1, 1), :]
-    acc = last.dtype
-    dlast = jnp.zeros(last.shape, acc)
+    dlast = jnp.zeros_like(last)
     n_sub = chunk // sub
     state, dstate = state_ref[...].astype(dtype), dstate_ref[...].astype(dtype)
     # Tiles are read from their refs where they are used (no whole-chunk tile stays live across sub-chunks), and
@@ -70,12 +179,8 @@ def backward_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, dstate_ref, dout_re
         start = m * sub
         rows = pl.ds(start, sub)
         q_sub, k_sub, v_sub, dout_sub, cum_sub = (r[rows, :] for r in (q_ref, k_ref, v_ref, dout_ref, cum_ref))
-        # Through the states entering and leaving the chunk.
-        dq = jnp.exp(cum_sub) * dot(dout_sub, state, trans_b=True)
-        to_end = jnp.exp(last - cum_sub)
-        dk = to_end * dot(v_sub, dstate, trans_b=True)
-        dlast += jnp.sum(k_sub * dk, axis=0, keepdims=True)
-        dv = dot((k_sub * to_end).astype(dtype), dstate)
+        dq, dk, dv, dlast_rows = through_states(k_sub, v_sub, dout_sub, cum_sub, last, state, dstate, dot)
+        dlast += dlast_rows
         if m:  # earlier sub-chunks (columns) -> these rows: dq
             earlier = pl.ds(0, pow2_at_least(start))
             ref_row = cum_ref[pl.ds(start - 1, 1), :]
@@ -100,12 +205,5 @@ def backward_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, dstate_ref, dout_re
         dq += dq_diag
         dk += dk_diag
         dv += dot(scores.astype(dtype), dout_sub, trans_a=True)
-        dcum = q_sub * dq - k_sub * dk
-        if m == n_sub - 1:
-            row_sums = jnp.sum(state.astype(acc) * dstate.astype(acc), axis=1, keepdims=True)  # [dk, 1]
-            dlast += jnp.exp(last) * row_sums.T
-            dcum += jnp.where(lax.broadcasted_iota(jnp.int32, (sub, 1), 0) == sub - 1, dlast, 0.0)
-        dq_ref[rows, :] = dq.astype(dq_ref.dtype)
-        dk_ref[rows, :] = dk.astype(dk_ref.dtype)
-        dv_ref[rows, :] = dv.astype(dv_ref.dtype)
-        dcum_ref[rows, :] = dcum.astype(dcum_ref.dtype)
+        write_rows((dq_ref, dk_ref, dv_ref, dcum_ref), rows, q_sub, k_sub, dq, dk, dv, dlast,
+                   (last, state, dstate) if m == n_sub - 1 else None)

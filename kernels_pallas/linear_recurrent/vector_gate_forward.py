@@ -92,7 +92,7 @@ def output_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, out_ref, *, sub):
 
 def scores_kernel(q_ref, k_ref, cum_ref, scores_ref, *, sub):
     """The intra-chunk scores A [sub, C] of one sub-chunk's rows (``pl.program_id(3)``; ``VectorGateConfig.
-    scores_kernel``): q/scores [sub, ...] tiles of those rows, k/cum the whole chunk. Earlier sub-chunks by one
+    scores_kernel``, GPU): q/scores [sub, ...] tiles of those rows, k/cum the whole chunk. Earlier sub-chunks by one
     masked matmul referenced to the step before this sub-chunk, this sub-chunk by ``diagonal_scores``."""
     chunk = k_ref.shape[0]
     dtype = q_ref.dtype

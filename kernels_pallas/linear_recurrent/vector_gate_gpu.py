@@ -8,6 +8,10 @@ passes (fla's layout).
 - ``dstates``: the reverse walk of the state gradient (per dk and dv block): the gradient of the state leaving
   every chunk, and d initial_state.
 - ``backward``: one program per (batch, head, chunk, dv block): dq, dk, dv and the cumulative gates' gradient.
+- With ``VectorGateConfig.scores_kernel``, as fla lays it out: ``scores`` (the intra-chunk A, one program per
+  sub-chunk) before ``output``; ``dscores`` (dA and its transpose, one program per chunk) and
+  ``intra_gradients`` (the terms of dq and dk from inside the chunk, one program per sub-chunk) before
+  ``backward``, which then needs whole-chunk matmuls only.
 
 Inputs arrive in the caller's [batch, seq, heads, dim] layout (the BlockSpecs pick one head's rows, so no
 transposes), padded by ``vector_gate_ops``: sequence to a chunk multiple, head dims to powers of two >= 16 (Triton's
@@ -27,8 +31,8 @@ from kernels_pallas.linear_recurrent import vector_gate_backward as bwd
 from kernels_pallas.linear_recurrent import vector_gate_forward as fwd
 
 
-def _params(config):
-    return plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
+def _params(config, num_warps=None):
+    return plgpu.CompilerParams(num_warps=num_warps or config.num_warps, num_stages=config.num_stages)
 
 
 def _states_kernel(k_ref, v_ref, cum_ref, h0_ref, states_ref, final_ref, *, chunk, n_chunks):
@@ -146,24 +150,22 @@ def scores(q, k, cum, *, config, interpret, seq_major=True, compiler_params=None
         in_specs=[rows, whole, whole],
         out_specs=scores_rows,
         out_shape=jax.ShapeDtypeStruct(q.shape[:-1] + (chunk,), q.dtype),
-        compiler_params=compiler_params or _params(config),
+        compiler_params=compiler_params or _params(config, config.scores_warps),
         interpret=interpret,
         name="vector_gate_scores",
     )(q, k, cum)
 
 
-def output(q, k, v, cum, all_states, *, config, interpret, seq_major=True, compiler_params=None):
-    """-> out like v in q's dtype, chunk-parallel from the states entering each chunk; with
-    ``config.scores_kernel`` from the scores of ``scores`` (two kernels), else in one kernel."""
+def output(q, k, v, cum, all_states, *, config, interpret, scores=None, seq_major=True, compiler_params=None):
+    """-> out like v in q's dtype, chunk-parallel from the states entering each chunk: from the chunk ``scores``
+    of ``scores()`` where given (``config.scores_kernel``), else in one kernel."""
     b, s, h, dk, dv = _dims(q, v, seq_major)
     chunk, bv = config.chunk_size, config.block_v
     tile_k, tile_v, state = _chunk_specs(chunk, dk, bv, seq_major)
-    if config.scores_kernel:
-        chunk_scores = scores(q, k, cum, config=config, interpret=interpret, seq_major=seq_major,
-                              compiler_params=compiler_params)
+    if scores is not None:
         tile_scores = seq_spec(chunk, chunk, seq_major, lambda bi, hi, n, vi: (bi, hi, n, 0))
         kernel, name = fwd.output_from_scores_kernel, "vector_gate_output_from_scores"
-        operands, in_specs = (q, v, cum, all_states, chunk_scores), [tile_k, tile_v, tile_k, state, tile_scores]
+        operands, in_specs = (q, v, cum, all_states, scores), [tile_k, tile_v, tile_k, state, tile_scores]
     else:
         kernel, name = functools.partial(fwd.output_kernel, sub=config.sub_chunk), "vector_gate_output"
         operands, in_specs = (q, k, v, cum, all_states), [tile_k, tile_k, tile_v, tile_k, state]
@@ -179,10 +181,54 @@ def output(q, k, v, cum, all_states, *, config, interpret, seq_major=True, compi
     )(*operands)
 
 
-def backward(q, k, v, cum, all_states, all_dstates, dout, *, config, interpret, seq_major=True,
-             compiler_params=None):
+def dscores(v, dout, *, config, interpret, seq_major=True, compiler_params=None):
+    """-> (dA, dA^T), each [b, s, h, C] (heads-first without ``seq_major``) in the accumulation dtype: per chunk
+    dout v^T kept on and below the diagonal, and its transpose (``bwd.dscores_kernel``); one program per chunk."""
+    b, s, h, dv, _ = _dims(v, v, seq_major)
+    chunk = config.chunk_size
+    tile_v = seq_spec(chunk, dv, seq_major, lambda bi, hi, n: (bi, hi, n, 0))
+    tile_scores = seq_spec(chunk, chunk, seq_major, lambda bi, hi, n: (bi, hi, n, 0))
+    shape = jax.ShapeDtypeStruct(v.shape[:-1] + (chunk,), fwd.acc_dtype(v.dtype))
+    return pl.pallas_call(
+        bwd.dscores_kernel,
+        grid=(b, h, s // chunk),
+        in_specs=[tile_v, tile_v],
+        out_specs=[tile_scores, tile_scores],
+        out_shape=[shape, shape],
+        compiler_params=compiler_params or _params(config),
+        interpret=interpret,
+        name="vector_gate_dscores",
+    )(v, dout)
+
+
+def intra_gradients(q, k, cum, dscores_pair, *, config, interpret, seq_major=True, compiler_params=None):
+    """-> (dq, dk) [b, s, h, dk] in the accumulation dtype: their terms from inside each chunk, from ``dscores()``'s
+    (dA, dA^T); one program per (batch, head, chunk, sub-chunk) (``bwd.intra_gradients_kernel``)."""
+    b, s, h, dk, _ = _dims(q, q, seq_major)
+    chunk, sub = config.chunk_size, config.sub_chunk
+    n_sub = chunk // sub
+    whole = seq_spec(chunk, dk, seq_major, lambda bi, hi, n, m: (bi, hi, n, 0))
+    whole_scores = seq_spec(chunk, chunk, seq_major, lambda bi, hi, n, m: (bi, hi, n, 0))
+    rows = seq_spec(sub, dk, seq_major, lambda bi, hi, n, m: (bi, hi, n * n_sub + m, 0))
+    shape = jax.ShapeDtypeStruct(q.shape, fwd.acc_dtype(q.dtype))
+    return pl.pallas_call(
+        functools.partial(bwd.intra_gradients_kernel, sub=sub),
+        grid=(b, h, s // chunk, n_sub),
+        in_specs=[whole, whole, whole, whole_scores, whole_scores],
+        out_specs=[rows, rows],
+        out_shape=[shape, shape],
+        compiler_params=compiler_params or _params(config),
+        interpret=interpret,
+        name="vector_gate_intra_gradients",
+    )(q, k, cum, *dscores_pair)
+
+
+def backward(q, k, v, cum, all_states, all_dstates, dout, *, config, interpret, scores=None, intra=None,
+             seq_major=True, compiler_params=None):
     """-> (dq [n_v, *q.shape], dk like dq, dv like v, dcum [n_v, *q.shape] in the accumulation dtype); the [n_v]
-    partials (one per dv block) are summed by the caller. dq and dk are in q's dtype when n_v is 1."""
+    partials (one per dv block) are summed by the caller. dq and dk are in q's dtype when n_v is 1. With the
+    forward's ``scores`` A and ``intra_gradients()``'s ``intra`` (dq, dk) (``config.scores_kernel``), whole-chunk
+    matmuls add the rest (``bwd.inter_gradients_kernel``); else one kernel does it all (``bwd.backward_kernel``)."""
     b, s, h, dk, dv = _dims(q, v, seq_major)
     chunk, bv = config.chunk_size, config.block_v
     n_v = dv // bv
@@ -196,13 +242,20 @@ def backward(q, k, v, cum, all_states, all_dstates, dout, *, config, interpret, 
     # them to: one rounding either way, fewer bytes; partial sums and dcum stay in the accumulation dtype.
     partial_shape = jax.ShapeDtypeStruct((n_v,) + q.shape, q.dtype if n_v == 1 else acc)
     dcum_shape = jax.ShapeDtypeStruct((n_v,) + q.shape, acc)
+    kernel, operands = functools.partial(bwd.backward_kernel, sub=config.sub_chunk), (q, k, v, cum, all_states,
+                                                                                        all_dstates, dout)
+    in_specs = [tile_k, tile_k, tile_v, tile_k, state, state, tile_v]
+    if scores is not None:
+        tile_scores = seq_spec(chunk, chunk, seq_major, lambda bi, hi, n, vi: (bi, hi, n, 0))
+        kernel, operands = bwd.inter_gradients_kernel, operands + (scores,) + tuple(intra)
+        in_specs += [tile_scores, tile_k, tile_k]
     return pl.pallas_call(
-        functools.partial(bwd.backward_kernel, sub=config.sub_chunk),
+        kernel,
         grid=(b, h, s // chunk, n_v),
-        in_specs=[tile_k, tile_k, tile_v, tile_k, state, state, tile_v],
+        in_specs=in_specs,
         out_specs=[partial_k, partial_k, tile_v, partial_k],
         out_shape=[partial_shape, partial_shape, jax.ShapeDtypeStruct(v.shape, v.dtype), dcum_shape],
         compiler_params=compiler_params or _params(config),
         interpret=interpret,
         name="vector_gate_backward",
-    )(q, k, v, cum, all_states, all_dstates, dout)
+    )(*operands)

@@ -25,9 +25,14 @@ class VectorGateConfig:
       block_v: value columns per program of the chunk-parallel passes (None = all of dv). Splitting dv gives more
         programs at the price of recomputing the chunk's gate products and summing partial dq, dk, dgate.
       num_warps, num_stages: Triton launch settings (ignored on TPU and in interpret mode).
-      scores_kernel: the forward's output in two chunk-parallel kernels, as fla lays it out: the intra-chunk scores
-        A (one program per sub-chunk) written in q's dtype, then (q * exp(cum)) S + A V; else one kernel. Fewer
-        tiles live in each kernel (registers: ``benchmarks/triton_resources.py``). Opt-in, not yet timed.
+      scores_kernel: GPU only. The intra-chunk work in its own kernels, as fla lays it out: the forward writes
+        A (one program per sub-chunk, q's dtype), then the output (q * exp(cum)) S + A V; A is kept for the
+        backward, which writes dA = dO V^T (and its transpose), then the terms of dq and dk from inside the chunk
+        (one program per sub-chunk, reading columns of dA: no reductions in its loop), then the rest with
+        whole-chunk matmuls. Costs C / dk of q's size in saved A, two float32 [C, C] tiles per chunk and two
+        float32 copies of q's size in the backward.
+      scores_warps: num_warps of the forward's scores kernel of ``scores_kernel`` (None = num_warps): its tiles
+        are [sub_chunk, dk].
     """
 
     chunk_size: int = 64
@@ -38,6 +43,7 @@ class VectorGateConfig:
     num_warps: int = 4
     num_stages: int = 2
     scores_kernel: bool = False
+    scores_warps: int | None = None
 
     def validate(self, min_tile: int) -> None:
         """Raises ValueError unless the sizes are powers of two >= ``min_tile`` and sub_chunk divides chunk_size."""
@@ -49,19 +55,24 @@ class VectorGateConfig:
                 raise ValueError(f"{name} must be a power of two >= {min_tile}, got {value!r}")
         if self.chunk_size % self.sub_chunk:
             raise ValueError(f"sub_chunk ({self.sub_chunk}) must divide chunk_size ({self.chunk_size})")
-        for name in ("num_warps", "num_stages"):
+        for name in ("num_warps", "num_stages", "scores_warps"):
             value = getattr(self, name)
+            if value is None and name == "scores_warps":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.scores_kernel, bool):
             raise ValueError(f"scores_kernel must be a bool, got {self.scores_kernel!r}")
 
 
-# GPU (Triton): 64-step chunks of 16-step sub-chunks, as fla's chunk_gla. 8 warps: H200, B4 S8192 H16 D128 bf16
-# (benchmarks/results/check_gla_kernel_passes_h200.txt), 4.39 / 11.03 ms forward / forward+backward against 6.16 /
-# 16.51 with 4 warps; the chunk-parallel output and gradient kernels are most of it (3.4 and 9.1 ms).
+# GPU (Triton): 64-step chunks of 16-step sub-chunks, as fla's chunk_gla, the intra-chunk work in its own kernels
+# (scores_kernel), 8 warps but 2 for the scores. H200, B4 S8192 H16 D128 bf16
+# (benchmarks/results/check_gla_kernel_scores_h200.txt), forward 3.70 ms against 4.55 with the one-kernel output;
+# forward+backward 9.56 ms with every kernel at 8 warps, 9.71 with 2 warps for scores and intra-chunk gradients
+# (2.72 ms at 8 warps, 4.17 at 2), against 10.92 with the one-kernel gradients. This mix itself is not yet timed
+# forward+backward. The one-kernel path at 8 warps against 4: 4.39 / 11.03 ms against 6.16 / 16.51.
 GPU_DEFAULT = VectorGateConfig(chunk_size=64, sub_chunk=16, state_block_k=64, state_block_v=64, block_v=None,
-                               num_warps=8, num_stages=2)
+                               num_warps=8, num_stages=2, scores_kernel=True, scores_warps=2)
 # TPU: chunk rows are sublanes (multiples of 8); the chunk-parallel tiles take all of dk and dv.
 TPU_DEFAULT = VectorGateConfig(chunk_size=128, sub_chunk=32, state_block_k=None, state_block_v=None)
 # CPU interpret mode (tests): small chunks so that short inputs take several chunks and sub-chunks (16 is the
@@ -88,21 +99,24 @@ def _recurrence(q, k, v, cum, h0, st: _entry.Static):
 
 
 def _recurrence_fwd(q, k, v, cum, h0, st):
-    kernels = _kernels(st.backend)
-    states, final = kernels.states(k, v, cum, h0, config=st.config, interpret=st.interpret)
-    out = kernels.output(q, k, v, cum, states, config=st.config, interpret=st.interpret)
-    return (out, final), (q, k, v, cum, states)
+    kernels, kw = _kernels(st.backend), dict(config=st.config, interpret=st.interpret)
+    states, final = kernels.states(k, v, cum, h0, **kw)
+    scores = kernels.scores(q, k, cum, **kw) if st.config.scores_kernel else None
+    out = kernels.output(q, k, v, cum, states, scores=scores, **kw)
+    return (out, final), (q, k, v, cum, states, scores)
 
 
 def _recurrence_bwd(st, residuals, cotangents):
-    q, k, v, cum, states = residuals
+    q, k, v, cum, states, scores = residuals
     dout, dfinal = cotangents
-    kernels = _kernels(st.backend)
+    kernels, kw = _kernels(st.backend), dict(config=st.config, interpret=st.interpret)
     acc = cum.dtype
     dout = dout.astype(q.dtype)
-    dstates, dh0 = kernels.dstates(q, dout, cum, dfinal.astype(acc), config=st.config, interpret=st.interpret)
-    dq, dk, dv, dcum = kernels.backward(q, k, v, cum, states, dstates, dout, config=st.config,
-                                        interpret=st.interpret)
+    dstates, dh0 = kernels.dstates(q, dout, cum, dfinal.astype(acc), **kw)
+    intra = None
+    if scores is not None:  # the forward's A is kept (q's dtype, [b, s, h, C]: C / dk of q's size)
+        intra = kernels.intra_gradients(q, k, cum, kernels.dscores(v, dout, **kw), **kw)
+    dq, dk, dv, dcum = kernels.backward(q, k, v, cum, states, dstates, dout, scores=scores, intra=intra, **kw)
     return (dq.sum(0).astype(q.dtype), dk.sum(0).astype(k.dtype), dv.astype(v.dtype), dcum.sum(0).astype(acc),
             dh0.astype(acc))
 
@@ -148,6 +162,8 @@ def chunked_vector_gate_recurrence(
     if chunk_size is not None:
         config = dataclasses.replace(config, chunk_size=chunk_size, sub_chunk=min(config.sub_chunk, chunk_size))
     config.validate(_entry.min_tile(backend))
+    if config.scores_kernel and backend != "triton":
+        raise ValueError(f"scores_kernel is a GPU (Triton) option; backend {backend!r} takes scores_kernel=False")
     b, s, h, dk = q.shape
     dv = v.shape[3]
     dk_pad, dv_pad = _entry.padded_head_dims(dk, dv, backend)

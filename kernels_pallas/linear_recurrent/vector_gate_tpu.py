@@ -107,16 +107,18 @@ def dstates(q, dout, cum, dfinal, *, config, interpret):
                             interpret=interpret, reverse=True)
 
 
-def output(q, k, v, cum, all_states, *, config, interpret):
-    """Same contract as ``vector_gate_gpu.output``."""
+def output(q, k, v, cum, all_states, *, config, interpret, scores=None):
+    """Same contract as ``vector_gate_gpu.output``, without ``scores`` (``scores_kernel`` is GPU only)."""
+    assert scores is None
     q, k, v, cum = (_heads_first(x) for x in (q, k, v, cum))
     out = vector_gate_gpu.output(q, k, v, cum, all_states, config=config, interpret=interpret, seq_major=False,
                                  compiler_params=_PARALLEL)
     return _heads_first(out)
 
 
-def backward(q, k, v, cum, all_states, all_dstates, dout, *, config, interpret):
-    """Same contract as ``vector_gate_gpu.backward``."""
+def backward(q, k, v, cum, all_states, all_dstates, dout, *, config, interpret, scores=None, intra=None):
+    """Same contract as ``vector_gate_gpu.backward``, without ``scores`` and ``intra``."""
+    assert scores is None and intra is None
     q, k, v, cum, dout = (_heads_first(x) for x in (q, k, v, cum, dout))
     grads = vector_gate_gpu.backward(q, k, v, cum, all_states, all_dstates, dout, config=config,
                                      interpret=interpret, seq_major=False, compiler_params=_PARALLEL)
