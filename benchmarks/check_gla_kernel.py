@@ -134,12 +134,15 @@ def main():
                 log(traceback.format_exc()[-1500:])
     one_kernel = dataclasses.replace(GPU_DEFAULT, scores_kernel=False)
     variants = [("default", GPU_DEFAULT), ("one-kernel output and gradients", one_kernel),
-                ("scores warps 8", dataclasses.replace(GPU_DEFAULT, scores_warps=8))]
+                ("scores warps 8", dataclasses.replace(GPU_DEFAULT, scores_warps=8))] + [
+        (f"diagonal kernel {d} warps, scores {s}", dataclasses.replace(GPU_DEFAULT, diagonal_warps=d, scores_warps=s))
+        for d, s in ((4, 8), (2, 8), (4, 2))]
     for label, config in variants:
         log(f"config {label}: {config}")
         bench(config, label)
     passes(GPU_DEFAULT, "default")
     passes(one_kernel, "one-kernel")
+    passes(dataclasses.replace(GPU_DEFAULT, diagonal_warps=4, scores_warps=8), "diagonal kernel 4 warps")
     log("done")
 
 

@@ -6,8 +6,11 @@ initial state, several chunks and sub-chunks, several dk / dv blocks (summed par
 Shapes stay tiny: interpret mode is slow.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from kernels_pallas.linear_recurrent.reference import chunked_vector_gate_reference
@@ -119,11 +122,12 @@ def test_gla_pallas_implementation_matches_chunked_with_gqa():
     helpers.check_mechanism_pallas_matches_chunked("gla")
 
 
-@pytest.mark.parametrize("config,kernels", [(None, 7), (VectorGateConfig(num_warps=8), 4)],
-                         ids=["default", "one-kernel"])
+@pytest.mark.parametrize("config,kernels", [(None, 7), (VectorGateConfig(num_warps=8), 4),
+                                            (VectorGateConfig(scores_kernel=True, diagonal_warps=4), 8)],
+                         ids=["default", "one-kernel", "diagonal-kernel"])
 def test_gpu_build_lowers_to_triton_kernels_on_a_cpu_only_machine(config, kernels):
-    """The GPU default (config=None, backend="triton": ``scores_kernel``) and the one-kernel output and gradients
-    at B1 S256 H2 D128 bf16, forward (its value too) and backward, lower through Pallas' Triton lowering (no GPU
+    """The GPU default (config=None, backend="triton": ``scores_kernel``), the one-kernel output and gradients and
+    the diagonal blocks' own kernel (``diagonal_warps``) at B1 S256 H2 D128 bf16, forward (its value too) and backward, lower through Pallas' Triton lowering (no GPU
     needed; ptxas is not run): state pass, scores + output (or output), dstate pass, dscores + intra-chunk
     gradients + gradients (or gradients)."""
     q = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
@@ -131,3 +135,17 @@ def test_gpu_build_lowers_to_triton_kernels_on_a_cpu_only_machine(config, kernel
     attend = lambda q, k, v, g: chunked_vector_gate_recurrence(q, k, v, g, backend="triton", config=config)[0]
     f = jax.value_and_grad(lambda *a: attend(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2, 3))
     assert kernel_helpers.triton_kernels_lowered(f, q, q, q, gate) == kernels
+
+
+def test_diagonal_kernel_writes_the_same_scores():
+    """``diagonal_warps``: the diagonal sub-chunk blocks of A by their own kernel, written into the scores kernel's
+    result (aliased), equal to the one-kernel scores bit for bit (two chunks of four sub-chunks)."""
+    from kernels_pallas.linear_recurrent import vector_gate_gpu
+
+    q, k, _, gate, _, _, _ = _case(5, 1, 128, 2, 16, 16, False, _mixed_gate)
+    cum = jnp.cumsum(gate.reshape(1, 2, 64, 2, 16), axis=2).reshape(gate.shape)
+    config = VectorGateConfig(chunk_size=64, sub_chunk=16, scores_kernel=True)
+    one = vector_gate_gpu.scores(q, k, cum, config=config, interpret=True)
+    split = vector_gate_gpu.scores(q, k, cum, config=dataclasses.replace(config, diagonal_warps=2), interpret=True)
+    assert float(jnp.max(jnp.abs(one))) > 0
+    np.testing.assert_array_equal(np.asarray(split), np.asarray(one))

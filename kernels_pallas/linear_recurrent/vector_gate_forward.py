@@ -90,10 +90,11 @@ def output_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, out_ref, *, sub):
         out_ref[rows, :] = out.astype(out_ref.dtype)
 
 
-def scores_kernel(q_ref, k_ref, cum_ref, scores_ref, *, sub):
+def scores_kernel(q_ref, k_ref, cum_ref, scores_ref, *, sub, diagonal=True):
     """The intra-chunk scores A [sub, C] of one sub-chunk's rows (``pl.program_id(3)``; ``VectorGateConfig.
     scores_kernel``, GPU): q/scores [sub, ...] tiles of those rows, k/cum the whole chunk. Earlier sub-chunks by one
-    masked matmul referenced to the step before this sub-chunk, this sub-chunk by ``diagonal_scores``."""
+    masked matmul referenced to the step before this sub-chunk, this sub-chunk by ``diagonal_scores`` (without
+    ``diagonal``, zeros there: ``diagonal_block_kernel`` writes them)."""
     chunk = k_ref.shape[0]
     dtype = q_ref.dtype
     start = pl.program_id(3) * sub
@@ -103,8 +104,17 @@ def scores_kernel(q_ref, k_ref, cum_ref, scores_ref, *, sub):
     q_hat = (q_sub * jnp.exp(cum_sub - ref_row)).astype(dtype)
     keys = earlier_keys(k_ref[...], cum_ref[...], ref_row, start).astype(dtype)
     scores = make_dot(dtype)(q_hat, keys, trans_b=True)
-    scores += diagonal_scores(q_sub, cum_sub, k_ref, cum_ref, start, width=chunk)
+    if diagonal:
+        scores += diagonal_scores(q_sub, cum_sub, k_ref, cum_ref, start, width=chunk)
     scores_ref[...] = scores.astype(scores_ref.dtype)
+
+
+def diagonal_block_kernel(q_ref, k_ref, cum_ref, scores_in_ref, scores_ref):
+    """A's diagonal block [sub, sub] of one sub-chunk (q/k/cum: its [sub, dk] rows), over the zeros that
+    ``scores_kernel(diagonal=False)`` left there (``VectorGateConfig.diagonal_warps``): a kernel whose live tiles
+    are [sub, dk] only, so that it can take few warps and many programs an SM."""
+    del scores_in_ref  # the same buffer as scores_ref (aliased): the blocks off the diagonal keep their values
+    scores_ref[...] = diagonal_scores(q_ref[...], cum_ref[...], k_ref, cum_ref, 0).astype(scores_ref.dtype)
 
 
 def output_from_scores_kernel(q_ref, v_ref, cum_ref, state_ref, scores_ref, out_ref):

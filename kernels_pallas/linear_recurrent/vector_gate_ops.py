@@ -33,6 +33,9 @@ class VectorGateConfig:
         float32 copies of q's size in the backward.
       scores_warps: num_warps of the forward's scores kernel of ``scores_kernel`` (None = num_warps): its tiles
         are [sub_chunk, dk].
+      diagonal_warps: with ``scores_kernel``, None = the scores kernel also computes the diagonal sub-chunk blocks
+        of A (the column loop); a number = a kernel of its own does, at that many warps, with only [sub_chunk, dk]
+        tiles live (the scores kernel then needs no loop). Opt-in, not yet timed.
     """
 
     chunk_size: int = 64
@@ -44,6 +47,7 @@ class VectorGateConfig:
     num_stages: int = 2
     scores_kernel: bool = False
     scores_warps: int | None = None
+    diagonal_warps: int | None = None
 
     def validate(self, min_tile: int) -> None:
         """Raises ValueError unless the sizes are powers of two >= ``min_tile`` and sub_chunk divides chunk_size."""
@@ -55,9 +59,9 @@ class VectorGateConfig:
                 raise ValueError(f"{name} must be a power of two >= {min_tile}, got {value!r}")
         if self.chunk_size % self.sub_chunk:
             raise ValueError(f"sub_chunk ({self.sub_chunk}) must divide chunk_size ({self.chunk_size})")
-        for name in ("num_warps", "num_stages", "scores_warps"):
+        for name in ("num_warps", "num_stages", "scores_warps", "diagonal_warps"):
             value = getattr(self, name)
-            if value is None and name == "scores_warps":
+            if value is None and name in ("scores_warps", "diagonal_warps"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
