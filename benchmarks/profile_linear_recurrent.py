@@ -4,14 +4,17 @@ Compute to profile (each function runs exactly once, so every kernel launch ncu 
 On the GPU machine, from the repository root (``benchmarks/profile_linear_recurrent.sh`` runs both passes):
   ncu --clock-control none --metrics gpu__time_duration.sum python benchmarks/profile_linear_recurrent.py
 gives every kernel's time (the XLA glue included); with ``-k regex:'vector_gate|delta'`` and the stall sections it
-says why the Pallas kernels take it. ``PROFILE_ONLY=gla-scores,delta,...`` picks the functions (``FUNCTIONS``: GLA forward+backward and forward
-alone, default and ``scores_kernel``; the gated delta rule);
-``--smoke`` runs tiny shapes in Pallas' interpreter (a CPU dry run).
+says why the Pallas kernels take it. ``PROFILE_ONLY=gla-default,delta,...`` picks the functions (``FUNCTIONS``:
+GLA forward+backward and forward alone for the default, the one-kernel output and gradients and the diagonal
+blocks' own kernel; the gated delta rule); ``PROFILE_SHAPE=1,256,2,128`` (batch, seq, heads, head_dim) sets a
+smaller shape, e.g. under ``compute-sanitizer --tool memcheck``; ``--smoke`` runs tiny shapes in Pallas'
+interpreter (a CPU dry run).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 
@@ -24,7 +27,7 @@ from benchmarks import check_delta_kernel, check_gla_kernel  # noqa: E402
 from kernels_pallas.linear_recurrent import delta_ops, vector_gate_ops  # noqa: E402
 
 SMOKE = "--smoke" in sys.argv
-SHAPE = (1, 64, 2, 32) if SMOKE else (4, 8192, 16, 128)
+SHAPE = (1, 64, 2, 32) if SMOKE else tuple(int(n) for n in os.environ.get("PROFILE_SHAPE", "4,8192,16,128").split(","))
 
 
 def fwd_bwd(forward, args, dout):
@@ -47,12 +50,14 @@ def delta():
     return fwd_bwd(check_delta_kernel.kernel_forward(delta_ops.GPU_DEFAULT), (q, k, v, beta, gate), dout)
 
 
-GLA_SCORES = dataclasses.replace(vector_gate_ops.GPU_DEFAULT, scores_kernel=True)
+GLA_CONFIGS = {
+    "default": vector_gate_ops.GPU_DEFAULT,
+    "one-kernel": dataclasses.replace(vector_gate_ops.GPU_DEFAULT, scores_kernel=False),
+    "diagonal": dataclasses.replace(vector_gate_ops.GPU_DEFAULT, diagonal_warps=4, scores_warps=8),
+}
 FUNCTIONS = {
-    "gla-default": lambda: gla(vector_gate_ops.GPU_DEFAULT),
-    "gla-scores": lambda: gla(GLA_SCORES),
-    "gla-default-forward": lambda: gla(vector_gate_ops.GPU_DEFAULT, backward=False),
-    "gla-scores-forward": lambda: gla(GLA_SCORES, backward=False),
+    **{f"gla-{name}": functools.partial(gla, config) for name, config in GLA_CONFIGS.items()},
+    **{f"gla-{name}-forward": functools.partial(gla, config, backward=False) for name, config in GLA_CONFIGS.items()},
     "delta": delta,
 }
 
