@@ -16,6 +16,7 @@ Everything printed also goes to $OUT/check_gla_kernel.txt ($OUT defaults to /tmp
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 import time
@@ -96,23 +97,23 @@ def passes(config, label):
     dstates_fn = jax.jit(lambda q, dout, cum, dfinal: vector_gate_gpu.dstates(q, dout, cum, dfinal, **kw))
     dstates, _ = dstates_fn(q, dout, cum, dfinal)
     pieces = {"state pass": (states_fn, (k, v, cum, h0))}
-    scores, intra = (), ()
+    output_extra, backward_extra = {}, {}  # scores_kernel's inputs to the output and gradients kernels
     if config.scores_kernel:
         scores_fn = jax.jit(lambda q, k, cum: vector_gate_gpu.scores(q, k, cum, **kw))
         dscores_fn = jax.jit(lambda v, dout: vector_gate_gpu.dscores(v, dout, **kw))
         intra_fn = jax.jit(lambda q, k, cum, pair: vector_gate_gpu.intra_gradients(q, k, cum, pair, **kw))
-        scores, pair = (scores_fn(q, k, cum),), dscores_fn(v, dout)
-        intra = (intra_fn(q, k, cum, pair),)
+        pair = dscores_fn(v, dout)
+        output_extra = {"scores": scores_fn(q, k, cum)}
+        backward_extra = {**output_extra, "intra": intra_fn(q, k, cum, pair)}
         pieces["scores"] = (scores_fn, (q, k, cum))
-    pieces["output"] = (jax.jit(lambda *a: vector_gate_gpu.output(*a[:5], scores=(a[5:] or (None,))[0], **kw)),
-                        (q, k, v, cum, states) + scores)
+    output_fn = jax.jit(lambda *a, **extra: vector_gate_gpu.output(*a, **extra, **kw))
+    pieces["output"] = (functools.partial(output_fn, **output_extra), (q, k, v, cum, states))
     pieces["dstate pass"] = (dstates_fn, (q, dout, cum, dfinal))
     if config.scores_kernel:
         pieces["dscores"] = (dscores_fn, (v, dout))
         pieces["intra-chunk gradients"] = (intra_fn, (q, k, cum, pair))
-    pieces["backward"] = (jax.jit(lambda *a: vector_gate_gpu.backward(*a[:7], scores=(a[7:] or (None,))[0],
-                                                                      intra=(a[8:] or (None,))[0], **kw)),
-                          (q, k, v, cum, states, dstates, dout) + scores + intra)
+    backward_fn = jax.jit(lambda *a, **extra: vector_gate_gpu.backward(*a, **extra, **kw))
+    pieces["backward"] = (functools.partial(backward_fn, **backward_extra), (q, k, v, cum, states, dstates, dout))
     for name, (fn, args) in pieces.items():
         if time.perf_counter() > START + BUDGET_S:
             log(f"{label} {name}: skipped (time budget)")

@@ -135,17 +135,17 @@ def _dims(q, v, seq_major):
     return b, s, h, dk, v.shape[-1]
 
 
-def scores(q, k, cum, *, config, interpret, seq_major=True, compiler_params=None):
-    """-> the intra-chunk scores A [b, s, h, C] (heads-first without ``seq_major``) in q's dtype, one program per
+def scores(q, k, cum, *, config, interpret):
+    """-> the intra-chunk scores A [b, s, h, C] in q's dtype, one program per
     (batch, head, chunk, sub-chunk) (``fwd.scores_kernel``); with ``config.diagonal_warps``, the diagonal blocks
     by a second kernel (``fwd.diagonal_block_kernel``) that writes them into the first one's result."""
-    b, s, h, dk, _ = _dims(q, q, seq_major)
+    b, s, h, dk = q.shape
     chunk, sub = config.chunk_size, config.sub_chunk
     n_sub = chunk // sub
     grid = (b, h, s // chunk, n_sub)
-    whole = seq_spec(chunk, dk, seq_major, lambda bi, hi, n, m: (bi, hi, n, 0))
-    rows = seq_spec(sub, dk, seq_major, lambda bi, hi, n, m: (bi, hi, n * n_sub + m, 0))
-    scores_rows = seq_spec(sub, chunk, seq_major, lambda bi, hi, n, m: (bi, hi, n * n_sub + m, 0))
+    whole = seq_spec(chunk, dk, True, lambda bi, hi, n, m: (bi, hi, n, 0))
+    rows = seq_spec(sub, dk, True, lambda bi, hi, n, m: (bi, hi, n * n_sub + m, 0))
+    scores_rows = seq_spec(sub, chunk, True, lambda bi, hi, n, m: (bi, hi, n * n_sub + m, 0))
     shape = jax.ShapeDtypeStruct(q.shape[:-1] + (chunk,), q.dtype)
     split = config.diagonal_warps is not None
     chunk_scores = pl.pallas_call(
@@ -154,13 +154,13 @@ def scores(q, k, cum, *, config, interpret, seq_major=True, compiler_params=None
         in_specs=[rows, whole, whole],
         out_specs=scores_rows,
         out_shape=shape,
-        compiler_params=compiler_params or _params(config, config.scores_warps),
+        compiler_params=_params(config, config.scores_warps),
         interpret=interpret,
         name="vector_gate_scores",
     )(q, k, cum)
     if not split:
         return chunk_scores
-    diagonal = seq_spec(sub, sub, seq_major, lambda bi, hi, n, m: (bi, hi, n * n_sub + m, m))
+    diagonal = seq_spec(sub, sub, True, lambda bi, hi, n, m: (bi, hi, n * n_sub + m, m))
     return pl.pallas_call(
         fwd.diagonal_block_kernel,
         grid=grid,
@@ -168,7 +168,7 @@ def scores(q, k, cum, *, config, interpret, seq_major=True, compiler_params=None
         out_specs=diagonal,
         out_shape=shape,
         input_output_aliases={3: 0},
-        compiler_params=compiler_params or _params(config, config.diagonal_warps),
+        compiler_params=_params(config, config.diagonal_warps),
         interpret=interpret,
         name="vector_gate_diagonal_scores",
     )(q, k, cum, chunk_scores)
@@ -199,13 +199,13 @@ def output(q, k, v, cum, all_states, *, config, interpret, scores=None, seq_majo
     )(*operands)
 
 
-def dscores(v, dout, *, config, interpret, seq_major=True, compiler_params=None):
-    """-> (dA, dA^T), each [b, s, h, C] (heads-first without ``seq_major``) in the accumulation dtype: per chunk
+def dscores(v, dout, *, config, interpret):
+    """-> (dA, dA^T), each [b, s, h, C] in the accumulation dtype: per chunk
     dout v^T kept on and below the diagonal, and its transpose (``bwd.dscores_kernel``); one program per chunk."""
-    b, s, h, dv, _ = _dims(v, v, seq_major)
+    b, s, h, dv = v.shape
     chunk = config.chunk_size
-    tile_v = seq_spec(chunk, dv, seq_major, lambda bi, hi, n: (bi, hi, n, 0))
-    tile_scores = seq_spec(chunk, chunk, seq_major, lambda bi, hi, n: (bi, hi, n, 0))
+    tile_v = seq_spec(chunk, dv, True, lambda bi, hi, n: (bi, hi, n, 0))
+    tile_scores = seq_spec(chunk, chunk, True, lambda bi, hi, n: (bi, hi, n, 0))
     shape = jax.ShapeDtypeStruct(v.shape[:-1] + (chunk,), fwd.acc_dtype(v.dtype))
     return pl.pallas_call(
         bwd.dscores_kernel,
@@ -213,21 +213,21 @@ def dscores(v, dout, *, config, interpret, seq_major=True, compiler_params=None)
         in_specs=[tile_v, tile_v],
         out_specs=[tile_scores, tile_scores],
         out_shape=[shape, shape],
-        compiler_params=compiler_params or _params(config),
+        compiler_params=_params(config),
         interpret=interpret,
         name="vector_gate_dscores",
     )(v, dout)
 
 
-def intra_gradients(q, k, cum, dscores_pair, *, config, interpret, seq_major=True, compiler_params=None):
+def intra_gradients(q, k, cum, dscores_pair, *, config, interpret):
     """-> (dq, dk) [b, s, h, dk] in the accumulation dtype: their terms from inside each chunk, from ``dscores()``'s
     (dA, dA^T); one program per (batch, head, chunk, sub-chunk) (``bwd.intra_gradients_kernel``)."""
-    b, s, h, dk, _ = _dims(q, q, seq_major)
+    b, s, h, dk = q.shape
     chunk, sub = config.chunk_size, config.sub_chunk
     n_sub = chunk // sub
-    whole = seq_spec(chunk, dk, seq_major, lambda bi, hi, n, m: (bi, hi, n, 0))
-    whole_scores = seq_spec(chunk, chunk, seq_major, lambda bi, hi, n, m: (bi, hi, n, 0))
-    rows = seq_spec(sub, dk, seq_major, lambda bi, hi, n, m: (bi, hi, n * n_sub + m, 0))
+    whole = seq_spec(chunk, dk, True, lambda bi, hi, n, m: (bi, hi, n, 0))
+    whole_scores = seq_spec(chunk, chunk, True, lambda bi, hi, n, m: (bi, hi, n, 0))
+    rows = seq_spec(sub, dk, True, lambda bi, hi, n, m: (bi, hi, n * n_sub + m, 0))
     shape = jax.ShapeDtypeStruct(q.shape, fwd.acc_dtype(q.dtype))
     return pl.pallas_call(
         functools.partial(bwd.intra_gradients_kernel, sub=sub),
@@ -235,7 +235,7 @@ def intra_gradients(q, k, cum, dscores_pair, *, config, interpret, seq_major=Tru
         in_specs=[whole, whole, whole, whole_scores, whole_scores],
         out_specs=[rows, rows],
         out_shape=[shape, shape],
-        compiler_params=compiler_params or _params(config),
+        compiler_params=_params(config),
         interpret=interpret,
         name="vector_gate_intra_gradients",
     )(q, k, cum, *dscores_pair)
