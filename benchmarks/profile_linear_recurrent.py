@@ -5,9 +5,10 @@ On the GPU machine, from the repository root (``benchmarks/profile_linear_recurr
   ncu --clock-control none --metrics gpu__time_duration.sum python benchmarks/profile_linear_recurrent.py
 gives every kernel's time (the XLA glue included); with ``-k regex:'vector_gate|delta'`` and the stall sections it
 says why the Pallas kernels take it. ``PROFILE_ONLY=gla-default,delta,...`` picks the functions (``FUNCTIONS``:
-GLA forward+backward and forward alone for the default, the one-kernel output and gradients and the diagonal
-blocks' own kernel; the gated delta rule); ``PROFILE_SHAPE=1,256,2,128`` (batch, seq, heads, head_dim) sets a
-smaller shape, e.g. under ``compute-sanitizer --tool memcheck``; ``--smoke`` runs tiny shapes in Pallas'
+GLA forward+backward and forward alone for the default and the one-kernel output and gradients; the gated delta
+rule); ``PROFILE_SHAPE=1,256,2,128`` (batch, seq, heads, head_dim) sets a smaller shape, e.g. under
+``compute-sanitizer --tool memcheck`` (with ``XLA_FLAGS=--xla_gpu_enable_command_buffer=``: under CUDA graphs the
+sanitizer reports CUDA_ERROR_INVALID_PC at the graph's launch); ``--smoke`` runs tiny shapes in Pallas'
 interpreter (a CPU dry run).
 """
 
@@ -53,7 +54,6 @@ def delta():
 GLA_CONFIGS = {
     "default": vector_gate_ops.GPU_DEFAULT,
     "one-kernel": dataclasses.replace(vector_gate_ops.GPU_DEFAULT, scores_kernel=False),
-    "diagonal": dataclasses.replace(vector_gate_ops.GPU_DEFAULT, diagonal_warps=4, scores_warps=8),
 }
 FUNCTIONS = {
     **{f"gla-{name}": functools.partial(gla, config) for name, config in GLA_CONFIGS.items()},

@@ -28,6 +28,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kernels_pallas.linear_recurrent.chunk_math import exp
+
 
 def decay_matrix(cum, inclusive: bool):
     """exp(c_t - c_s) for s <= t (s < t when not inclusive), else 0: cum [..., C] -> [..., C, C].
@@ -38,7 +40,7 @@ def decay_matrix(cum, inclusive: bool):
     t = jnp.arange(cum.shape[-1])
     keep = (t[:, None] >= t[None, :]) if inclusive else (t[:, None] > t[None, :])
     diff = cum[..., :, None] - cum[..., None, :]
-    return jnp.where(keep, jnp.exp(jnp.where(keep, diff, 0.0)), 0.0)
+    return jnp.where(keep, exp(jnp.where(keep, diff, 0.0)), 0.0)
 
 
 def wy_matrix(gram, beta, cum):
@@ -66,11 +68,11 @@ def wy_prepare(k, v, beta, cum, inverse=None, precision=None, fused=None):
     (``delta_inverse_gpu.fused_prepare``, opt-in on the GPU build; u0 and w in its own output dtype, q's there);
     ``inverse`` and ``precision`` are then unused.
     """
-    k_out = k * jnp.exp(cum[..., -1:] - cum)[..., None]
+    k_out = k * exp(cum[..., -1:] - cum)[..., None]
     if fused is not None:
         return fused(k, v, beta, cum) + (k_out,)
     v_in = beta[..., None] * v
-    k_in = (beta * jnp.exp(cum))[..., None] * k
+    k_in = (beta * exp(cum))[..., None] * k
     if inverse is not None:
         t = inverse(k, beta, cum)
         u0, w = (jnp.einsum("...ts,...sd->...td", t, x, precision=precision) for x in (v_in, k_in))

@@ -61,6 +61,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels_pallas.linear_recurrent import delta_chunk
+from kernels_pallas.linear_recurrent.chunk_math import exp
 
 BLOCK = 16  # rows of the diagonal blocks inverted by substitution (Triton's smallest dot tile)
 
@@ -210,7 +211,7 @@ def _fused_kernel(k_ref, v_ref, beta_ref, cum_ref, u0_ref, w_ref, *t_ref, settin
     dot = _make_dot(settings.kernel_precision(k.dtype), k.dtype)
     t = invert_tile(delta_chunk.wy_matrix(dot(k, k, trans_b=True), beta, cum), dot)
     u0_ref[...] = dot(t, beta[:, None] * v_ref[...]).astype(u0_ref.dtype)
-    w_ref[...] = dot(t, (beta * jnp.exp(cum))[:, None] * k).astype(w_ref.dtype)  # cum <= 0: exp(cum) <= 1
+    w_ref[...] = dot(t, (beta * exp(cum))[:, None] * k).astype(w_ref.dtype)  # cum <= 0: exp(cum) <= 1
     if t_ref:  # only under differentiation: T is the backward's residual
         t_ref[0][...] = t.astype(t_ref[0].dtype)
 
@@ -280,7 +281,7 @@ def _fused_bwd(settings, residuals, cotangents):
 
     def build(k, v, beta, cum):  # (A, x_v, x_k) as the kernel forms them
         gram = jnp.einsum("...td,...sd->...ts", k, k, precision=precision)
-        return delta_chunk.wy_matrix(gram, beta, cum), beta[..., None] * v, (beta * jnp.exp(cum))[..., None] * k
+        return delta_chunk.wy_matrix(gram, beta, cum), beta[..., None] * v, (beta * exp(cum))[..., None] * k
 
     (_, x_v, x_k), vjp = jax.vjp(build, k, v, beta, cum)
     t_bar = (jnp.einsum("...td,...sd->...ts", u0_bar, x_v, precision=precision)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from kernels_pallas.linear_recurrent.chunk_math import decay_matrix
+from kernels_pallas.linear_recurrent.chunk_math import decay_matrix, exp
 
 
 def total(x, keepdims):
@@ -43,7 +43,7 @@ def total(x, keepdims):
 def advance(w, u0, k_out, last, state, dot):
     """-> (U [C, bv], state leaving the chunk [dk, bv]), both in the accumulation dtype."""
     u = u0.astype(state.dtype) - dot(w, state.astype(w.dtype))
-    return u, jnp.exp(last) * state + dot(k_out, u.astype(k_out.dtype), trans_a=True)
+    return u, exp(last) * state + dot(k_out, u.astype(k_out.dtype), trans_a=True)
 
 
 def retreat(w, k_out, u, du, last, state, dstate, dot, keepdims):
@@ -62,8 +62,8 @@ def retreat_state(w, k_out, du, last, state, dstate, dot, keepdims):
     acc = dstate.dtype
     dtype = w.dtype
     du_tot = du.astype(acc) + dot(k_out, dstate.astype(dtype))
-    dlast = jnp.exp(last) * total(state.astype(acc) * dstate, keepdims)
-    dprev = jnp.exp(last) * dstate - dot(w, du_tot.astype(dtype), trans_a=True)
+    dlast = exp(last) * total(state.astype(acc) * dstate, keepdims)
+    dprev = exp(last) * dstate - dot(w, du_tot.astype(dtype), trans_a=True)
     return du_tot, dlast, dprev
 
 
@@ -81,7 +81,7 @@ def output_gradients(q, k, u, dout, cum_col, cum_row, causal, state, dot, keepdi
     decay = decay_matrix(cum_col, cum_row, causal)
     scores = dot(q, k, trans_b=True) * decay
     dscores = dot(dout, u, trans_b=True) * decay
-    from_start = jnp.exp(cum_col)  # decay from the chunk start to step t
+    from_start = exp(cum_col)  # decay from the chunk start to step t
     dq = dot(dscores.astype(k.dtype), k) + dot((dout * from_start).astype(dout.dtype), state.astype(dout.dtype),
                                                trans_b=True)
     dk = dot(dscores.astype(q.dtype), q, trans_a=True)

@@ -31,6 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels_pallas.linear_recurrent import delta_chunk
+from kernels_pallas.linear_recurrent.chunk_math import exp
 from kernels_pallas.linear_recurrent.delta_inverse_gpu import _make_dot
 
 
@@ -40,7 +41,7 @@ def _backward_kernel(k_ref, v_ref, beta_ref, cum_ref, t_ref, u0_bar_ref, w_bar_r
     acc = k.dtype  # float32 (float64 in interpret mode); the cotangents may come in 16 bits
     dot = _make_dot(settings.kernel_precision(acc), acc)
     u0_bar, w_bar = u0_bar_ref[...].astype(acc), w_bar_ref[...].astype(acc)
-    k_scale = beta * jnp.exp(cum)  # cum <= 0: exp(cum) <= 1
+    k_scale = beta * exp(cum)  # cum <= 0: exp(cum) <= 1
     t_transposed = t.T  # once, for the three products with T^T
 
     t_bar = dot(u0_bar, beta[:, None] * v, trans_b=True) + dot(w_bar, k_scale[:, None] * k, trans_b=True)
@@ -57,7 +58,7 @@ def _backward_kernel(k_ref, v_ref, beta_ref, cum_ref, t_ref, u0_bar_ref, w_bar_r
     k_bar_ref[...] = (dot(g_bar + g_bar.T, k) + k_scale[:, None] * x_k_bar).astype(k_bar_ref.dtype)
     v_bar_ref[...] = (beta[:, None] * x_v_bar).astype(v_bar_ref.dtype)
     beta_bar = (jnp.sum(decayed_a_bar * gram, axis=1) + jnp.sum(v * x_v_bar, axis=1)
-                + jnp.exp(cum) * k_dot_x_k_bar)
+                + exp(cum) * k_dot_x_k_bar)
     beta_bar_ref[...] = beta_bar.astype(beta_bar_ref.dtype)
     cum_bar = jnp.sum(a_times_a_bar, axis=1) - jnp.sum(a_times_a_bar, axis=0) + k_scale * k_dot_x_k_bar
     cum_bar_ref[...] = cum_bar.astype(cum_bar_ref.dtype)

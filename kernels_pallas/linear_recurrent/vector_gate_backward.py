@@ -27,13 +27,21 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels_pallas.linear_recurrent.vector_gate_forward import earlier_keys, make_dot, masked_decay, pow2_at_least
+from kernels_pallas.linear_recurrent.vector_gate_forward import (
+    FACTORED_SPAN,
+    earlier_keys,
+    exp,
+    make_dot,
+    masked_decay,
+    pow2_at_least,
+    span,
+)
 
 
 def previous_dstate(dstate, q, dout, cum, last, dot):
     """The gradient of the state entering a chunk from that of the state leaving it: dstate [bk, bv] float32."""
-    q_in = (q * jnp.exp(cum)).astype(q.dtype)
-    return jnp.exp(last).T * dstate + dot(q_in, dout, trans_a=True)
+    q_in = (q * exp(cum)).astype(q.dtype)
+    return exp(last).T * dstate + dot(q_in, dout, trans_a=True)
 
 
 def diagonal_backward(q_sub, k_sub, cum_sub, dscores, k_ref, cum_ref, start):
@@ -62,8 +70,8 @@ def diagonal_backward(q_sub, k_sub, cum_sub, dscores, k_ref, cum_ref, start):
 def through_states(k_sub, v_sub, dout_sub, cum_sub, last, state, dstate, dot):
     """The sub-chunk's gradients through the states entering (``state``) and leaving (``dstate``) the chunk:
     (dq, dk, dv, the rows' share of dlast)."""
-    dq = jnp.exp(cum_sub) * dot(dout_sub, state, trans_b=True)
-    to_end = jnp.exp(last - cum_sub)
+    dq = exp(cum_sub) * dot(dout_sub, state, trans_b=True)
+    to_end = exp(last - cum_sub)
     dk = to_end * dot(v_sub, dstate, trans_b=True)
     dv = dot((k_sub * to_end).astype(k_sub.dtype), dstate)
     return dq, dk, dv, jnp.sum(k_sub * dk, axis=0, keepdims=True)
@@ -77,7 +85,7 @@ def write_rows(out_refs, rows, q_sub, k_sub, dq, dk, dv, dlast=None, closing=Non
     if closing is not None:
         last, state, dstate = closing
         row_sums = jnp.sum(state.astype(last.dtype) * dstate.astype(last.dtype), axis=1, keepdims=True)  # [dk, 1]
-        dlast += jnp.exp(last) * row_sums.T
+        dlast += exp(last) * row_sums.T
         dcum += jnp.where(lax.broadcasted_iota(jnp.int32, (dcum.shape[0], 1), 0) == dcum.shape[0] - 1, dlast, 0.0)
     dq_ref[rows, :] = dq.astype(dq_ref.dtype)
     dk_ref[rows, :] = dk.astype(dk_ref.dtype)
@@ -120,24 +128,38 @@ def diagonal_gradients(q_ref, k_ref, cum_ref, dscores_ref, dscores_t_ref, start,
 
 def intra_gradients_kernel(q_ref, k_ref, cum_ref, dscores_ref, dscores_t_ref, dq_ref, dk_ref, *, sub):
     """The terms of dq and dk from inside the chunk, for the rows of one sub-chunk (``pl.program_id(3)``): q/k/cum
-    the whole chunk [C, dk], dscores/dscores_t its dA and dA^T [C, C], dq/dk [sub, dk] tiles of those rows.
-    Earlier sub-chunks (for dq) and later ones (for dk) by a masked matmul over the whole chunk, referenced to the
-    step before / the last step of this sub-chunk; this sub-chunk by ``diagonal_gradients``."""
+    the whole chunk [C, dk], dscores/dscores_t its dA and dA^T [C, C] (zero above / below the diagonal), dq/dk
+    [sub, dk] tiles of those rows. dq from the columns up to this sub-chunk's, referenced to the step before it;
+    dk from the rows from this sub-chunk's on, referenced to its last step: each one masked matmul over the whole
+    chunk that takes this sub-chunk's own block too when its span allows (``FACTORED_SPAN``), else stops at it and
+    ``diagonal_gradients`` adds that block."""
     chunk = q_ref.shape[0]
     dtype = q_ref.dtype
     dot = make_dot(dtype)
     start = pl.program_id(3) * sub
     rows = pl.ds(start, sub)
     cum_sub = cum_ref[rows, :]
-    dq, dk = diagonal_gradients(q_ref, k_ref, cum_ref, dscores_ref, dscores_t_ref, start, sub)
-    # For the first sub-chunk every key is masked and any row at or before it is a valid reference.
-    ref_row = cum_ref[pl.ds(jnp.maximum(start - 1, 0), 1), :]
-    keys = earlier_keys(k_ref[...], cum_ref[...], ref_row, start).astype(dtype)
-    dq += jnp.exp(cum_sub - ref_row) * dot(dscores_ref[rows, :].astype(dtype), keys)
-    ref_row = cum_ref[pl.ds(start + sub - 1, 1), :]
-    after = lax.broadcasted_iota(jnp.int32, (chunk, 1), 0) >= start + sub
-    q_hat = jnp.where(after, q_ref[...] * masked_decay(cum_ref[...], ref_row, after), 0.0).astype(dtype)
-    dk += jnp.exp(ref_row - cum_sub) * dot(dscores_ref[:, rows].astype(dtype), q_hat, trans_a=True)
+    # For the first sub-chunk any row at or before it is a valid reference.
+    before_ref = cum_ref[pl.ds(jnp.maximum(start - 1, 0), 1), :]
+    after_ref = cum_ref[pl.ds(start + sub - 1, 1), :]
+    row_ids = lax.broadcasted_iota(jnp.int32, (chunk, 1), 0)
+
+    def gradients(first_later, last_earlier):
+        """dq from the keys at steps < last_earlier, dk from the queries at steps >= first_later."""
+        keys = earlier_keys(k_ref[...], cum_ref[...], before_ref, last_earlier).astype(dtype)
+        dq = exp(cum_sub - before_ref) * dot(dscores_ref[rows, :].astype(dtype), keys)
+        later = row_ids >= first_later
+        q_hat = jnp.where(later, q_ref[...] * masked_decay(cum_ref[...], after_ref, later), 0.0).astype(dtype)
+        dk = exp(after_ref - cum_sub) * dot(dscores_ref[:, rows].astype(dtype), q_hat, trans_a=True)
+        return dq, dk
+
+    def looped():
+        dq, dk = gradients(start + sub, start)
+        dq_diag, dk_diag = diagonal_gradients(q_ref, k_ref, cum_ref, dscores_ref, dscores_t_ref, start, sub)
+        return dq + dq_diag, dk + dk_diag
+
+    widest = jnp.maximum(span(cum_sub, before_ref), span(cum_sub, after_ref))
+    dq, dk = lax.cond(widest <= FACTORED_SPAN, lambda: gradients(start, start + sub), looped)
     dq_ref[...] = dq.astype(dq_ref.dtype)
     dk_ref[...] = dk.astype(dk_ref.dtype)
 
@@ -186,7 +208,7 @@ def backward_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, dstate_ref, dout_re
             ref_row = cum_ref[pl.ds(start - 1, 1), :]
             dscores = dot(dout_sub, v_ref[earlier, :], trans_b=True)  # columns from `start` on meet zero keys
             keys = earlier_keys(k_ref[earlier, :], cum_ref[earlier, :], ref_row, start).astype(dtype)
-            dq += jnp.exp(cum_sub - ref_row) * dot(dscores.astype(dtype), keys)
+            dq += exp(cum_sub - ref_row) * dot(dscores.astype(dtype), keys)
         if m < n_sub - 1:  # these columns -> later sub-chunks' rows: dk, dv
             first = chunk - pow2_at_least(chunk - start - sub)
             later = pl.ds(first, chunk - first)
@@ -194,7 +216,7 @@ def backward_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, dstate_ref, dout_re
             after = first + lax.broadcasted_iota(jnp.int32, (chunk - first, 1), 0) >= start + sub
             q_hat = jnp.where(after, q_ref[later, :] * masked_decay(cum_ref[later, :], ref_row, after), 0.0)
             q_hat = q_hat.astype(dtype)
-            from_ref = jnp.exp(ref_row - cum_sub)
+            from_ref = exp(ref_row - cum_sub)
             dout_later = dout_ref[later, :]
             dscores = dot(dout_later, v_sub, trans_b=True)  # rows before `start + sub` meet zero queries
             dk += from_ref * dot(dscores.astype(dtype), q_hat, trans_a=True)

@@ -13,6 +13,13 @@ between s and t), so the chunk is cut into sub-chunks: across sub-chunks the ref
 the last step before the later sub-chunk (a bounded matmul); inside the diagonal sub-chunk the loop over its
 columns computes ``exp(cum_t - cum_s)`` elementwise ([sub, dk] per column), as fla's GLA kernels do.
 
+The GPU's split kernels (``VectorGateConfig.scores_kernel``) first try the diagonal block as part of the matmul:
+``exp(cum_t - cum_s) = exp(cum_t - r) exp(r - cum_s)`` with r the reference row holds for every pair, and it is
+the bounded product above whenever r lies between them; inside the sub-chunk one factor exceeds 1, by at most
+``exp(span)``, span the largest |cum_t - r| over the sub-chunk's rows. When span <= ``FACTORED_SPAN`` the factors
+stay far inside the float32 / bfloat16 range (both reach e^88) and the sub-chunk's rows take one masked matmul;
+otherwise (on average a gate below e^-3.75 a step in some dimension) the program takes the column loop.
+
 ``dot(a, b, trans_a, trans_b)`` accumulates in float32 (float64 for float64); matmul operands are cast to the input
 dtype first, so bf16 inputs run bf16 matmuls while the state, gates and accumulations stay float32.
 """
@@ -23,18 +30,22 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels_pallas.linear_recurrent.chunk_math import acc_dtype, make_dot  # noqa: F401 (used by the builds)
+from kernels_pallas.linear_recurrent.chunk_math import acc_dtype, exp, make_dot  # noqa: F401 (used by the builds)
+
+
+# The largest span of the gates inside a sub-chunk for which its scores factor through one reference row.
+FACTORED_SPAN = 60.0
 
 
 def masked_decay(cum_rows, cum_ref_row, keep):
-    """exp(cum_rows - cum_ref_row) where ``keep`` (the difference is <= 0 there), else 0; masked before the exp."""
-    return jnp.where(keep, jnp.exp(jnp.where(keep, cum_rows - cum_ref_row, 0.0)), 0.0)
+    """exp(cum_rows - cum_ref_row) where ``keep``, else 0; masked before the exp."""
+    return jnp.where(keep, exp(jnp.where(keep, cum_rows - cum_ref_row, 0.0)), 0.0)
 
 
 def next_state(state, k, v, cum, last, dot):
     """The state leaving a chunk: state [bk, bv] float32, k [C, bk], v [C, bv], cum [C, bk], last [1, bk]."""
-    k_out = (k * jnp.exp(last - cum)).astype(k.dtype)
-    return jnp.exp(last).T * state + dot(k_out, v, trans_a=True)
+    k_out = (k * exp(last - cum)).astype(k.dtype)
+    return exp(last).T * state + dot(k_out, v, trans_a=True)
 
 
 def diagonal_scores(q_sub, cum_sub, k_ref, cum_ref, start, width=None):
@@ -53,8 +64,14 @@ def diagonal_scores(q_sub, cum_sub, k_ref, cum_ref, start, width=None):
     return lax.fori_loop(0, sub, column, jnp.zeros(cols.shape, cum_sub.dtype))
 
 
+def span(cum_sub, ref_row):
+    """The largest |cum_t - ref_row| over a sub-chunk's rows and dimensions (a scalar)."""
+    return jnp.max(jnp.max(jnp.abs(cum_sub - ref_row), axis=1), axis=0)
+
+
 def earlier_keys(k, cum, ref_row, start):
-    """k_s * exp(ref_row - cum_s) for the steps s < start of the chunk (exponent <= 0), zero elsewhere: [C, dk]."""
+    """k_s * exp(ref_row - cum_s) for the steps s < start of the chunk, zero elsewhere: [C, dk]. The exponent is
+    <= 0 for the steps up to ``ref_row``'s; those after it are the factored sub-chunk's (<= FACTORED_SPAN)."""
     before = lax.broadcasted_iota(jnp.int32, (k.shape[0], 1), 0) < start
     return jnp.where(before, k * masked_decay(ref_row, cum, before), 0.0)
 
@@ -77,10 +94,10 @@ def output_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, out_ref, *, sub):
         start = m * sub
         rows = pl.ds(start, sub)
         q_sub, cum_sub = q_ref[rows, :], cum_ref[rows, :]
-        out = dot((q_sub * jnp.exp(cum_sub)).astype(dtype), state)
+        out = dot((q_sub * exp(cum_sub)).astype(dtype), state)
         if m:  # earlier sub-chunks, referenced to the last step before this one
             ref_row = cum_ref[pl.ds(start - 1, 1), :]
-            q_hat = (q_sub * jnp.exp(cum_sub - ref_row)).astype(dtype)
+            q_hat = (q_sub * exp(cum_sub - ref_row)).astype(dtype)
             earlier = pl.ds(0, pow2_at_least(start))
             keys = earlier_keys(k_ref[earlier, :], cum_ref[earlier, :], ref_row, start).astype(dtype)
             scores = dot(q_hat, keys, trans_b=True)  # [sub, rows before start and masked ones]
@@ -90,37 +107,38 @@ def output_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, out_ref, *, sub):
         out_ref[rows, :] = out.astype(out_ref.dtype)
 
 
-def scores_kernel(q_ref, k_ref, cum_ref, scores_ref, *, sub, diagonal=True):
+def scores_kernel(q_ref, k_ref, cum_ref, scores_ref, *, sub):
     """The intra-chunk scores A [sub, C] of one sub-chunk's rows (``pl.program_id(3)``; ``VectorGateConfig.
-    scores_kernel``, GPU): q/scores [sub, ...] tiles of those rows, k/cum the whole chunk. Earlier sub-chunks by one
-    masked matmul referenced to the step before this sub-chunk, this sub-chunk by ``diagonal_scores`` (without
-    ``diagonal``, zeros there: ``diagonal_block_kernel`` writes them)."""
+    scores_kernel``, GPU): q/scores [sub, ...] tiles of those rows, k/cum the whole chunk. One masked matmul
+    referenced to the step before this sub-chunk: over the earlier sub-chunks and, when the sub-chunk's span allows
+    (``FACTORED_SPAN``), this one's causal block too; otherwise that block by ``diagonal_scores``."""
     chunk = k_ref.shape[0]
     dtype = q_ref.dtype
+    dot = make_dot(dtype)
     start = pl.program_id(3) * sub
     q_sub, cum_sub = q_ref[...], cum_ref[pl.ds(start, sub), :]
-    # For the first sub-chunk every key is masked and any row at or before it is a valid reference.
+    # For the first sub-chunk any row at or before it is a valid reference.
     ref_row = cum_ref[pl.ds(jnp.maximum(start - 1, 0), 1), :]
-    q_hat = (q_sub * jnp.exp(cum_sub - ref_row)).astype(dtype)
-    keys = earlier_keys(k_ref[...], cum_ref[...], ref_row, start).astype(dtype)
-    scores = make_dot(dtype)(q_hat, keys, trans_b=True)
-    if diagonal:
-        scores += diagonal_scores(q_sub, cum_sub, k_ref, cum_ref, start, width=chunk)
+    q_hat = (q_sub * exp(cum_sub - ref_row)).astype(dtype)
+
+    def factored():
+        keys = earlier_keys(k_ref[...], cum_ref[...], ref_row, start + sub).astype(dtype)
+        rows = lax.broadcasted_iota(jnp.int32, (sub, chunk), 0)
+        cols = lax.broadcasted_iota(jnp.int32, (sub, chunk), 1)
+        return jnp.where(cols <= start + rows, dot(q_hat, keys, trans_b=True), 0.0)
+
+    def looped():
+        keys = earlier_keys(k_ref[...], cum_ref[...], ref_row, start).astype(dtype)
+        return dot(q_hat, keys, trans_b=True) + diagonal_scores(q_sub, cum_sub, k_ref, cum_ref, start, width=chunk)
+
+    scores = lax.cond(span(cum_sub, ref_row) <= FACTORED_SPAN, factored, looped)
     scores_ref[...] = scores.astype(scores_ref.dtype)
-
-
-def diagonal_block_kernel(q_ref, k_ref, cum_ref, scores_in_ref, scores_ref):
-    """A's diagonal block [sub, sub] of one sub-chunk (q/k/cum: its [sub, dk] rows), over the zeros that
-    ``scores_kernel(diagonal=False)`` left there (``VectorGateConfig.diagonal_warps``): a kernel whose live tiles
-    are [sub, dk] only, so that it can take few warps and many programs an SM."""
-    del scores_in_ref  # the same buffer as scores_ref (aliased): the blocks off the diagonal keep their values
-    scores_ref[...] = diagonal_scores(q_ref[...], cum_ref[...], k_ref, cum_ref, 0).astype(scores_ref.dtype)
 
 
 def output_from_scores_kernel(q_ref, v_ref, cum_ref, state_ref, scores_ref, out_ref):
     """``output_kernel``'s result from the chunk's scores A (``scores_kernel``): (q * exp(cum)) S + A V."""
     dtype = q_ref.dtype
     dot = make_dot(dtype)
-    out = dot((q_ref[...] * jnp.exp(cum_ref[...])).astype(dtype), state_ref[...].astype(dtype))
+    out = dot((q_ref[...] * exp(cum_ref[...])).astype(dtype), state_ref[...].astype(dtype))
     out += dot(scores_ref[...].astype(dtype), v_ref[...])
     out_ref[...] = out.astype(out_ref.dtype)

@@ -136,42 +136,23 @@ def _dims(q, v, seq_major):
 
 
 def scores(q, k, cum, *, config, interpret):
-    """-> the intra-chunk scores A [b, s, h, C] in q's dtype, one program per
-    (batch, head, chunk, sub-chunk) (``fwd.scores_kernel``); with ``config.diagonal_warps``, the diagonal blocks
-    by a second kernel (``fwd.diagonal_block_kernel``) that writes them into the first one's result."""
+    """-> the intra-chunk scores A [b, s, h, C] in q's dtype, one program per (batch, head, chunk, sub-chunk)
+    (``fwd.scores_kernel``)."""
     b, s, h, dk = q.shape
     chunk, sub = config.chunk_size, config.sub_chunk
     n_sub = chunk // sub
-    grid = (b, h, s // chunk, n_sub)
     whole = seq_spec(chunk, dk, True, lambda bi, hi, n, m: (bi, hi, n, 0))
     rows = seq_spec(sub, dk, True, lambda bi, hi, n, m: (bi, hi, n * n_sub + m, 0))
-    scores_rows = seq_spec(sub, chunk, True, lambda bi, hi, n, m: (bi, hi, n * n_sub + m, 0))
-    shape = jax.ShapeDtypeStruct(q.shape[:-1] + (chunk,), q.dtype)
-    split = config.diagonal_warps is not None
-    chunk_scores = pl.pallas_call(
-        functools.partial(fwd.scores_kernel, sub=sub, diagonal=not split),
-        grid=grid,
+    return pl.pallas_call(
+        functools.partial(fwd.scores_kernel, sub=sub),
+        grid=(b, h, s // chunk, n_sub),
         in_specs=[rows, whole, whole],
-        out_specs=scores_rows,
-        out_shape=shape,
+        out_specs=seq_spec(sub, chunk, True, lambda bi, hi, n, m: (bi, hi, n * n_sub + m, 0)),
+        out_shape=jax.ShapeDtypeStruct(q.shape[:-1] + (chunk,), q.dtype),
         compiler_params=_params(config, config.scores_warps),
         interpret=interpret,
         name="vector_gate_scores",
     )(q, k, cum)
-    if not split:
-        return chunk_scores
-    diagonal = seq_spec(sub, sub, True, lambda bi, hi, n, m: (bi, hi, n * n_sub + m, m))
-    return pl.pallas_call(
-        fwd.diagonal_block_kernel,
-        grid=grid,
-        in_specs=[rows, rows, rows, diagonal],
-        out_specs=diagonal,
-        out_shape=shape,
-        input_output_aliases={3: 0},
-        compiler_params=_params(config, config.diagonal_warps),
-        interpret=interpret,
-        name="vector_gate_diagonal_scores",
-    )(q, k, cum, chunk_scores)
 
 
 def output(q, k, v, cum, all_states, *, config, interpret, scores=None, seq_major=True, compiler_params=None):

@@ -29,13 +29,13 @@ class VectorGateConfig:
         A (one program per sub-chunk, q's dtype), then the output (q * exp(cum)) S + A V; A is kept for the
         backward, which writes dA = dO V^T (and its transpose), then the terms of dq and dk from inside the chunk
         (one program per sub-chunk, reading columns of dA: no reductions in its loop), then the rest with
-        whole-chunk matmuls. Costs C / dk of q's size in saved A, two float32 [C, C] tiles per chunk and two
+        whole-chunk matmuls. Where the gates inside a sub-chunk span at most ``FACTORED_SPAN`` nats (in
+        vector_gate_forward: gates above ~e^-3.75 a step on average), its diagonal block joins the matmuls of A
+        and of dq, dk (the loops do not run); bf16 inputs then round that block's factors to bf16 as the other
+        blocks' (relative error 3.6e-3 against 3.2e-3 for the output at D128). Costs C / dk of q's size in saved A, two float32 [C, C] tiles per chunk and two
         float32 copies of q's size in the backward.
       scores_warps: num_warps of the forward's scores kernel of ``scores_kernel`` (None = num_warps): its tiles
         are [sub_chunk, dk].
-      diagonal_warps: with ``scores_kernel``, None = the scores kernel also computes the diagonal sub-chunk blocks
-        of A (the column loop); a number = a kernel of its own does, at that many warps, with only [sub_chunk, dk]
-        tiles live (the scores kernel then needs no loop). Opt-in, not yet timed.
     """
 
     chunk_size: int = 64
@@ -47,7 +47,6 @@ class VectorGateConfig:
     num_stages: int = 2
     scores_kernel: bool = False
     scores_warps: int | None = None
-    diagonal_warps: int | None = None
 
     def validate(self, min_tile: int) -> None:
         """Raises ValueError unless the sizes are powers of two >= ``min_tile`` and sub_chunk divides chunk_size."""
@@ -59,9 +58,9 @@ class VectorGateConfig:
                 raise ValueError(f"{name} must be a power of two >= {min_tile}, got {value!r}")
         if self.chunk_size % self.sub_chunk:
             raise ValueError(f"sub_chunk ({self.sub_chunk}) must divide chunk_size ({self.chunk_size})")
-        for name in ("num_warps", "num_stages", "scores_warps", "diagonal_warps"):
+        for name in ("num_warps", "num_stages", "scores_warps"):
             value = getattr(self, name)
-            if value is None and name in ("scores_warps", "diagonal_warps"):
+            if value is None and name == "scores_warps":
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -71,10 +70,9 @@ class VectorGateConfig:
 
 # GPU (Triton): 64-step chunks of 16-step sub-chunks, as fla's chunk_gla, the intra-chunk work in its own kernels
 # (scores_kernel), 8 warps but 2 for the scores. H200, B4 S8192 H16 D128 bf16
-# (benchmarks/results/check_gla_kernel_scores_h200.txt), forward 3.70 ms against 4.55 with the one-kernel output;
-# forward+backward 9.56 ms with every kernel at 8 warps, 9.71 with 2 warps for scores and intra-chunk gradients
-# (2.72 ms at 8 warps, 4.17 at 2), against 10.92 with the one-kernel gradients. This mix itself is not yet timed
-# forward+backward. The one-kernel path at 8 warps against 4: 4.39 / 11.03 ms against 6.16 / 16.51.
+# (benchmarks/results/check_gla_kernel_factored_h200.txt): forward 2.34 ms, forward+backward 5.98; scores at 4
+# warps 2.33 / 6.20, at 8 3.09 / 6.70; the one-kernel output and gradients 4.89 / 9.96. Gates strong enough for
+# the column loop in every sub-chunk: 3.83 / 9.19.
 GPU_DEFAULT = VectorGateConfig(chunk_size=64, sub_chunk=16, state_block_k=64, state_block_v=64, block_v=None,
                                num_warps=8, num_stages=2, scores_kernel=True, scores_warps=2)
 # TPU: chunk rows are sublanes (multiples of 8); the chunk-parallel tiles take all of dk and dv.
