@@ -47,3 +47,13 @@ def triton_kernel_warps(f, *args) -> list[int]:
 def triton_kernels_lowered(f, *args) -> int:
     """How many Pallas Triton kernels ``jax.jit(f)`` lowers to (``triton_kernel_warps``)."""
     return len(triton_kernel_warps(f, *args))
+
+
+def mosaic_tpu_kernels_lowered(f, *args) -> int:
+    """How many Pallas Mosaic TPU kernels ``jax.jit(f)`` lowers to, on a machine without a TPU: Pallas' own
+    lowering to Mosaic runs (what interpret mode skips); Mosaic's compiler, part of libtpu, does not. With x64
+    off, as on TPUs (the suite turns it on for its float64 references; under it Pallas' Mosaic lowering mixes
+    int64 and int32 loop indices)."""
+    with jax.enable_x64(False):
+        text = jax.jit(f).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+    return text.count("stablehlo.custom_call @tpu_custom_call")

@@ -151,3 +151,13 @@ def test_gpu_default_and_xla_wy_backward_lower_to_triton_on_a_cpu_only_machine()
     assert default >= 6
     assert kernels(dataclasses.replace(GPU_DEFAULT, wy_backward_kernel=True)) == default
     assert kernels(dataclasses.replace(GPU_DEFAULT, wy_backward_kernel=False)) == default - 1
+
+
+def test_tpu_default_lowers_to_mosaic_kernels_on_a_cpu_only_machine():
+    """The TPU default (the WY preparation in XLA) at B1 S256 H2 D128 bf16, value and gradients, through Pallas'
+    Mosaic lowering (which the interpreter skips; libtpu's compiler does not run here)."""
+    q = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
+    per_step = jax.ShapeDtypeStruct((1, 256, 2), jnp.float32)
+    attend = lambda q, k, v, b, g: chunked_delta_recurrence(q, k, v, b, g, backend="mosaic_tpu")[0]
+    f = jax.value_and_grad(lambda *a: attend(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2, 3, 4))
+    assert kernel_helpers.mosaic_tpu_kernels_lowered(f, q, q, q, per_step, per_step) == 4

@@ -141,3 +141,14 @@ def test_gpu_build_lowers_to_triton_kernels_on_a_cpu_only_machine(config, kernel
     attend = lambda q, k, v, g: chunked_vector_gate_recurrence(q, k, v, g, backend="triton", config=config)[0]
     f = jax.value_and_grad(lambda *a: attend(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2, 3))
     assert kernel_helpers.triton_kernels_lowered(f, q, q, q, gate) == kernels
+
+
+def test_tpu_build_lowers_to_mosaic_kernels_on_a_cpu_only_machine():
+    """The TPU default at B1 S256 H2 D128 bf16, forward and backward, through Pallas' Mosaic lowering (the
+    interpreter skips it): state pass, output, dstate pass, gradients, each sub-chunk's factored / looped choice
+    included."""
+    q = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
+    gate = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.float32)
+    attend = lambda q, k, v, g: chunked_vector_gate_recurrence(q, k, v, g, backend="mosaic_tpu")[0]
+    f = jax.value_and_grad(lambda *a: attend(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2, 3))
+    assert kernel_helpers.mosaic_tpu_kernels_lowered(f, q, q, q, gate) == 4

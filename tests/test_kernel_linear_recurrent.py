@@ -65,6 +65,16 @@ def test_gpu_default_lowers_to_triton_kernels_on_a_cpu_only_machine():
     assert kernel_helpers.triton_kernel_warps(f, q, q, q, gate) == [4, 8, 8]
 
 
+def test_tpu_default_lowers_to_mosaic_kernels_on_a_cpu_only_machine():
+    """The TPU default at B1 S256 H2 D128 bf16, value and gradients, through Pallas' Mosaic lowering (which the
+    interpreter skips; libtpu's compiler does not run here): forward state pass, output, dS pass, gradients."""
+    q = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
+    gate = jax.ShapeDtypeStruct((1, 256, 2), jnp.float32)
+    attend = lambda q, k, v, g: chunked_scalar_gate_recurrence(q, k, v, log_gate=g, backend="mosaic_tpu")[0]
+    f = jax.value_and_grad(lambda *a: attend(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2, 3))
+    assert kernel_helpers.mosaic_tpu_kernels_lowered(f, q, q, q, gate) == 4
+
+
 def test_backward_launch_settings_reach_only_the_backward_kernels():
     config = ChunkConfig(chunk_size=64, block_k=64, block_v=64, fused_forward=True, num_warps=4, num_warps_bwd=8)
     assert config.backward() == dataclasses.replace(config, num_warps=8)

@@ -11,10 +11,11 @@ it (from the forward state pass), one chunk's gradients follow from the two line
 and for the gates, per key dimension, ``dcum_t = q_t * dq_t - k_t * dk_t`` (each cum_t enters with q_t as
 exp(+cum_t) and with k_t as exp(-cum_t)) plus, at the chunk's last step,
 ``dlast = exp(last) * rowsum(h * dh) + sum_s k_s * exp(last - cum_s) * (v_s dh^T)``.
-The sub-chunk split is the forward's: a bounded matmul between sub-chunks, an elementwise loop inside one.
+The sub-chunk split is the forward's: a bounded matmul between sub-chunks, and inside one either the same
+matmul factored through the reference row (``FACTORED_SPAN``) or an elementwise loop.
 
-``backward_kernel`` does it all in one program per chunk, forming A and dA in registers; inside a sub-chunk that
-takes three cross-thread reductions per column. With ``VectorGateConfig.scores_kernel`` the work is split as in
+``backward_kernel`` does it all in one program per chunk, forming A and dA in registers; inside a sub-chunk the
+loop takes three cross-thread reductions per column. With ``VectorGateConfig.scores_kernel`` the work is split as in
 fla's GLA backward: the forward's A is kept, ``dscores_kernel`` writes dA and its transpose,
 ``intra_gradients_kernel`` (one program per sub-chunk) reads their columns for the terms of dq and dk from inside
 the chunk (its loop inside a sub-chunk is elementwise: step j updates dq of rows t >= j and dk of rows s <= j),
@@ -187,7 +188,9 @@ def inter_gradients_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, dstate_ref, 
 def backward_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, dstate_ref, dout_ref,
                     dq_ref, dk_ref, dv_ref, dcum_ref, *, sub):
     """One chunk, one dv block: dq, dk and dcum are this block's partials (summed over dv blocks by the caller),
-    dv is exact. q/k/cum/dq/dk/dcum [C, dk], v/dout/dv [C, bv], state/dstate [dk, bv]."""
+    dv is exact. q/k/cum/dq/dk/dcum [C, dk], v/dout/dv [C, bv], state/dstate [dk, bv]. Per sub-chunk: the terms
+    through the states, then those from inside the chunk, factored as in ``intra_gradients_kernel`` when the
+    sub-chunk's span allows, else from the earlier and later sub-chunks plus ``diagonal_backward``."""
     chunk = q_ref.shape[0]
     dtype = q_ref.dtype
     dot = make_dot(dtype)
@@ -203,29 +206,60 @@ def backward_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, dstate_ref, dout_re
         q_sub, k_sub, v_sub, dout_sub, cum_sub = (r[rows, :] for r in (q_ref, k_ref, v_ref, dout_ref, cum_ref))
         dq, dk, dv, dlast_rows = through_states(k_sub, v_sub, dout_sub, cum_sub, last, state, dstate, dot)
         dlast += dlast_rows
-        if m:  # earlier sub-chunks (columns) -> these rows: dq
-            earlier = pl.ds(0, pow2_at_least(start))
-            ref_row = cum_ref[pl.ds(start - 1, 1), :]
-            dscores = dot(dout_sub, v_ref[earlier, :], trans_b=True)  # columns from `start` on meet zero keys
-            keys = earlier_keys(k_ref[earlier, :], cum_ref[earlier, :], ref_row, start).astype(dtype)
-            dq += exp(cum_sub - ref_row) * dot(dscores.astype(dtype), keys)
-        if m < n_sub - 1:  # these columns -> later sub-chunks' rows: dk, dv
-            first = chunk - pow2_at_least(chunk - start - sub)
+        # For the first sub-chunk any row at or before it is a valid reference.
+        before_ref = cum_ref[pl.ds(max(start - 1, 0), 1), :]
+        after_ref = cum_ref[pl.ds(start + sub - 1, 1), :]
+        sub_chunk = (start, k_sub, v_sub, dout_sub, cum_sub, before_ref, after_ref)
+
+        def factored(sub_chunk=sub_chunk):
+            start, k_sub, v_sub, dout_sub, cum_sub, before_ref, after_ref = sub_chunk
+            # dq: the columns up to this sub-chunk's end (dA masked to s <= t), referenced to the step before it.
+            upto = pl.ds(0, pow2_at_least(start + sub))
+            dscores = dot(dout_sub, v_ref[upto, :], trans_b=True)
+            causal = (lax.broadcasted_iota(jnp.int32, dscores.shape, 1)
+                      <= start + lax.broadcasted_iota(jnp.int32, dscores.shape, 0))
+            keys = earlier_keys(k_ref[upto, :], cum_ref[upto, :], before_ref, start + sub).astype(dtype)
+            dq = exp(cum_sub - before_ref) * dot(jnp.where(causal, dscores, 0.0).astype(dtype), keys)
+            # dk, dv: the rows from this sub-chunk's start on (t >= s), referenced to its last step.
+            first = chunk - pow2_at_least(chunk - start)
             later = pl.ds(first, chunk - first)
-            ref_row = cum_ref[pl.ds(start + sub - 1, 1), :]
-            after = first + lax.broadcasted_iota(jnp.int32, (chunk - first, 1), 0) >= start + sub
-            q_hat = jnp.where(after, q_ref[later, :] * masked_decay(cum_ref[later, :], ref_row, after), 0.0)
+            row_ids = first + lax.broadcasted_iota(jnp.int32, (chunk - first, 1), 0)
+            keep = row_ids >= start
+            q_hat = jnp.where(keep, q_ref[later, :] * masked_decay(cum_ref[later, :], after_ref, keep), 0.0)
             q_hat = q_hat.astype(dtype)
-            from_ref = exp(ref_row - cum_sub)
+            from_ref = exp(after_ref - cum_sub)
+            causal = row_ids >= start + lax.broadcasted_iota(jnp.int32, (1, sub), 1)  # [later rows, sub]
             dout_later = dout_ref[later, :]
-            dscores = dot(dout_later, v_sub, trans_b=True)  # rows before `start + sub` meet zero queries
-            dk += from_ref * dot(dscores.astype(dtype), q_hat, trans_a=True)
-            scores = dot(q_hat, (k_sub * from_ref).astype(dtype), trans_b=True)
-            dv += dot(scores.astype(dtype), dout_later, trans_a=True)
-        scores, dq_diag, dk_diag = diagonal_backward(q_sub, k_sub, cum_sub, dot(dout_sub, v_sub, trans_b=True),
-                                                     k_ref, cum_ref, start)
-        dq += dq_diag
-        dk += dk_diag
-        dv += dot(scores.astype(dtype), dout_sub, trans_a=True)
-        write_rows((dq_ref, dk_ref, dv_ref, dcum_ref), rows, q_sub, k_sub, dq, dk, dv, dlast,
-                   (last, state, dstate) if m == n_sub - 1 else None)
+            dscores = jnp.where(causal, dot(dout_later, v_sub, trans_b=True), 0.0)
+            dk = from_ref * dot(dscores.astype(dtype), q_hat, trans_a=True)
+            scores = jnp.where(causal, dot(q_hat, (k_sub * from_ref).astype(dtype), trans_b=True), 0.0)
+            return dq, dk, dot(scores.astype(dtype), dout_later, trans_a=True)
+
+        def looped(sub_chunk=sub_chunk, q_sub=q_sub):
+            start, k_sub, v_sub, dout_sub, cum_sub, before_ref, after_ref = sub_chunk
+            scores, dq, dk = diagonal_backward(q_sub, k_sub, cum_sub, dot(dout_sub, v_sub, trans_b=True),
+                                               k_ref, cum_ref, start)
+            dv = dot(scores.astype(dtype), dout_sub, trans_a=True)
+            if start:  # earlier sub-chunks (columns) -> these rows: dq
+                earlier = pl.ds(0, pow2_at_least(start))
+                dscores = dot(dout_sub, v_ref[earlier, :], trans_b=True)  # columns from `start` on meet zero keys
+                keys = earlier_keys(k_ref[earlier, :], cum_ref[earlier, :], before_ref, start).astype(dtype)
+                dq += exp(cum_sub - before_ref) * dot(dscores.astype(dtype), keys)
+            if start + sub < chunk:  # these columns -> later sub-chunks' rows: dk, dv
+                first = chunk - pow2_at_least(chunk - start - sub)
+                later = pl.ds(first, chunk - first)
+                after = first + lax.broadcasted_iota(jnp.int32, (chunk - first, 1), 0) >= start + sub
+                q_hat = jnp.where(after, q_ref[later, :] * masked_decay(cum_ref[later, :], after_ref, after), 0.0)
+                q_hat = q_hat.astype(dtype)
+                from_ref = exp(after_ref - cum_sub)
+                dout_later = dout_ref[later, :]
+                dscores = dot(dout_later, v_sub, trans_b=True)  # rows before `start + sub` meet zero queries
+                dk += from_ref * dot(dscores.astype(dtype), q_hat, trans_a=True)
+                scores = dot(q_hat, (k_sub * from_ref).astype(dtype), trans_b=True)
+                dv += dot(scores.astype(dtype), dout_later, trans_a=True)
+            return dq, dk, dv
+
+        widest = jnp.maximum(span(cum_sub, before_ref), span(cum_sub, after_ref))
+        dq_intra, dk_intra, dv_intra = lax.cond(widest <= FACTORED_SPAN, factored, looped)
+        write_rows((dq_ref, dk_ref, dv_ref, dcum_ref), rows, q_sub, k_sub, dq + dq_intra, dk + dk_intra,
+                   dv + dv_intra, dlast, (last, state, dstate) if m == n_sub - 1 else None)

@@ -13,12 +13,13 @@ between s and t), so the chunk is cut into sub-chunks: across sub-chunks the ref
 the last step before the later sub-chunk (a bounded matmul); inside the diagonal sub-chunk the loop over its
 columns computes ``exp(cum_t - cum_s)`` elementwise ([sub, dk] per column), as fla's GLA kernels do.
 
-The GPU's split kernels (``VectorGateConfig.scores_kernel``) first try the diagonal block as part of the matmul:
-``exp(cum_t - cum_s) = exp(cum_t - r) exp(r - cum_s)`` with r the reference row holds for every pair, and it is
-the bounded product above whenever r lies between them; inside the sub-chunk one factor exceeds 1, by at most
-``exp(span)``, span the largest |cum_t - r| over the sub-chunk's rows. When span <= ``FACTORED_SPAN`` the factors
-stay far inside the float32 / bfloat16 range (both reach e^88) and the sub-chunk's rows take one masked matmul;
-otherwise (on average a gate below e^-3.75 a step in some dimension) the program takes the column loop.
+Every kernel first tries the diagonal block as part of the matmul: ``exp(cum_t - cum_s) = exp(cum_t - r)
+exp(r - cum_s)`` with r the reference row holds for every pair, and it is the bounded product above whenever r
+lies between them; inside the sub-chunk one factor exceeds 1, by at most ``exp(span)``, span the largest
+|cum_t - r| over the sub-chunk's rows. When span <= ``FACTORED_SPAN`` the factors stay far inside the float32 /
+bfloat16 range (both reach e^88) and the sub-chunk's rows take one masked matmul (``lax.cond``, per sub-chunk);
+otherwise (on average a gate below e^(-60 / sub) a step in some dimension) they take the column loop. For bf16
+inputs the diagonal block's factors are then rounded to bf16 like the other blocks' operands.
 
 ``dot(a, b, trans_a, trans_b)`` accumulates in float32 (float64 for float64); matmul operands are cast to the input
 dtype first, so bf16 inputs run bf16 matmuls while the state, gates and accumulations stay float32.
@@ -83,7 +84,9 @@ def pow2_at_least(n):
 
 
 def output_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, out_ref, *, sub):
-    """One chunk's output for one dv block: q/k/cum [C, dk], v/out [C, bv], state [dk, bv] (entering the chunk)."""
+    """One chunk's output for one dv block: q/k/cum [C, dk], v/out [C, bv], state [dk, bv] (entering the chunk).
+    Per sub-chunk, referenced to the step before it: one masked matmul over the steps up to its end when its span
+    allows (``FACTORED_SPAN``), else over the earlier sub-chunks plus ``diagonal_scores``."""
     chunk = q_ref.shape[0]
     dtype = q_ref.dtype
     dot = make_dot(dtype)
@@ -95,15 +98,29 @@ def output_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, out_ref, *, sub):
         rows = pl.ds(start, sub)
         q_sub, cum_sub = q_ref[rows, :], cum_ref[rows, :]
         out = dot((q_sub * exp(cum_sub)).astype(dtype), state)
-        if m:  # earlier sub-chunks, referenced to the last step before this one
-            ref_row = cum_ref[pl.ds(start - 1, 1), :]
-            q_hat = (q_sub * exp(cum_sub - ref_row)).astype(dtype)
-            earlier = pl.ds(0, pow2_at_least(start))
-            keys = earlier_keys(k_ref[earlier, :], cum_ref[earlier, :], ref_row, start).astype(dtype)
-            scores = dot(q_hat, keys, trans_b=True)  # [sub, rows before start and masked ones]
-            out += dot(scores.astype(dtype), v_ref[earlier, :])
-        scores = diagonal_scores(q_sub, cum_sub, k_ref, cum_ref, start)
-        out += dot(scores.astype(dtype), v_ref[rows, :])
+        # For the first sub-chunk any row at or before it is a valid reference.
+        ref_row = cum_ref[pl.ds(max(start - 1, 0), 1), :]
+        q_hat = (q_sub * exp(cum_sub - ref_row)).astype(dtype)
+
+        def factored(start=start, q_hat=q_hat, ref_row=ref_row):
+            upto = pl.ds(0, pow2_at_least(start + sub))  # rows past start + sub meet zero keys
+            keys = earlier_keys(k_ref[upto, :], cum_ref[upto, :], ref_row, start + sub).astype(dtype)
+            scores = dot(q_hat, keys, trans_b=True)
+            causal = (lax.broadcasted_iota(jnp.int32, scores.shape, 1)
+                      <= start + lax.broadcasted_iota(jnp.int32, scores.shape, 0))
+            return dot(jnp.where(causal, scores, 0.0).astype(dtype), v_ref[upto, :])
+
+        def looped(start=start, rows=rows, q_sub=q_sub, cum_sub=cum_sub, q_hat=q_hat, ref_row=ref_row):
+            scores = diagonal_scores(q_sub, cum_sub, k_ref, cum_ref, start)
+            out = dot(scores.astype(dtype), v_ref[rows, :])
+            if start:  # earlier sub-chunks
+                earlier = pl.ds(0, pow2_at_least(start))
+                keys = earlier_keys(k_ref[earlier, :], cum_ref[earlier, :], ref_row, start).astype(dtype)
+                scores = dot(q_hat, keys, trans_b=True)  # [sub, rows before start and masked ones]
+                out += dot(scores.astype(dtype), v_ref[earlier, :])
+            return out
+
+        out += lax.cond(span(cum_sub, ref_row) <= FACTORED_SPAN, factored, looped)
         out_ref[rows, :] = out.astype(out_ref.dtype)
 
 

@@ -18,8 +18,10 @@ class VectorGateConfig:
 
     Attributes:
       chunk_size: steps per chunk (the chunk-parallel passes' tile; states are stored once per chunk).
-      sub_chunk: steps per sub-chunk inside a chunk: products between sub-chunks are matmuls, inside one an
-        elementwise loop (see vector_gate_forward); must divide chunk_size.
+      sub_chunk: steps per sub-chunk inside a chunk: products between sub-chunks are matmuls, and inside one
+        too where its gates span at most ``FACTORED_SPAN`` nats (gates above ~e^(-60 / sub_chunk) a step on
+        average), else an elementwise loop (see vector_gate_forward; for bf16 the factored block adds rounding:
+        relative error 3.6e-3 against 3.2e-3 for the output at D128 on the H200); must divide chunk_size.
       state_block_k, state_block_v: the state block of one program of the sequential state passes (None = all of
         dk / dv). Smaller blocks give more programs.
       block_v: value columns per program of the chunk-parallel passes (None = all of dv). Splitting dv gives more
@@ -29,10 +31,7 @@ class VectorGateConfig:
         A (one program per sub-chunk, q's dtype), then the output (q * exp(cum)) S + A V; A is kept for the
         backward, which writes dA = dO V^T (and its transpose), then the terms of dq and dk from inside the chunk
         (one program per sub-chunk, reading columns of dA: no reductions in its loop), then the rest with
-        whole-chunk matmuls. Where the gates inside a sub-chunk span at most ``FACTORED_SPAN`` nats (in
-        vector_gate_forward: gates above ~e^-3.75 a step on average), its diagonal block joins the matmuls of A
-        and of dq, dk (the loops do not run); bf16 inputs then round that block's factors to bf16 as the other
-        blocks' (relative error 3.6e-3 against 3.2e-3 for the output at D128). Costs C / dk of q's size in saved A, two float32 [C, C] tiles per chunk and two
+        whole-chunk matmuls. Costs C / dk of q's size in saved A, two float32 [C, C] tiles per chunk and two
         float32 copies of q's size in the backward.
       scores_warps: num_warps of the forward's scores kernel of ``scores_kernel`` (None = num_warps): its tiles
         are [sub_chunk, dk].
