@@ -4,11 +4,14 @@ Run on the device machine from the repository root (fla-core 0.6.0 is a pure-Pyt
 already there):
     PYTHONPATH=. python3 benchmarks/linear_recurrent.py --fla-wheel path/to/fla_core-0.6.0-py3-none-any.whl [--quick]
 Variants: "simple_gla" (data-dependent scalar log gate per head and step; fla's chunk_simple_gla), "linear"
-(no gate; fla's chunk_linear_attn) and "gla" (data-dependent log gate per head, step and key dimension, the
-vector-gate kernel; fla's chunk_gla), "delta_rule" (DeltaNet: L2-normalised q and k, beta per head and step,
-the delta-rule kernel; fla's chunk_delta_rule; the "gate" slot below carries beta). Shapes B4 S8192 H16 D128
-and B1 S32768 H16 D128, bfloat16, forward and forward+backward (gradients of q, k, v and the gate or beta, for fla
-too). Tokens/s = B * S / median seconds per call.
+(no gate; fla's chunk_linear_attn), "retention" (fixed decay per head, RetNet's 1 - 2^(-5 - h), not learned:
+no gate gradient; the scalar-gate kernel; fla's chunk_retention), "gla" (data-dependent log gate per head, step
+and key dimension, the vector-gate kernel; fla's chunk_gla), "delta_rule" (DeltaNet: L2-normalised q and k, beta
+per head and step, the delta-rule kernel; fla's chunk_delta_rule; the "gate" slot below carries beta) and
+"gated_delta_rule" (the same plus a scalar log gate per head and step; the gate slot carries (beta, log gate);
+fla's chunk_gated_delta_rule). Shapes B4 S8192 H16 D128 and B1 S32768 H16 D128, bfloat16, forward and
+forward+backward (gradients of q, k, v and the gates or beta, for fla too). Tokens/s = B * S / median seconds per
+call.
 
 Peak memory: for fla, torch.cuda.max_memory_allocated over the timed calls (after a reset); for the JAX paths, the
 compiled executable's arguments + outputs + temporaries (XLA's memory analysis), since JAX has no per-call peak
@@ -47,7 +50,8 @@ from kernels_pallas.linear_recurrent import vector_gate_ops  # noqa: E402
 
 OUT = os.environ.get("OUT", ".")
 SHAPES = [(4, 8192, 16, 128), (1, 32768, 16, 128)]
-VARIANTS = ("simple_gla", "linear", "gla", "delta_rule")
+VARIANTS = ("simple_gla", "linear", "retention", "gla", "delta_rule", "gated_delta_rule")
+FIXED_GATE = ("retention",)  # the gate is a constant: no gradient
 START = time.perf_counter()
 SMOKE = False  # set by --smoke: interpret mode, tiny shapes
 
@@ -92,12 +96,14 @@ def load_fla(wheel):
     try:
         import torch  # noqa: F401
         from fla.ops.delta_rule import chunk_delta_rule
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
         from fla.ops.gla import chunk_gla
         from fla.ops.linear_attn import chunk_linear_attn
+        from fla.ops.retention import chunk_retention
         from fla.ops.simple_gla import chunk_simple_gla
 
-        return {"simple_gla": chunk_simple_gla, "linear": chunk_linear_attn, "gla": chunk_gla,
-                "delta_rule": chunk_delta_rule}
+        return {"simple_gla": chunk_simple_gla, "linear": chunk_linear_attn, "retention": chunk_retention,
+                "gla": chunk_gla, "delta_rule": chunk_delta_rule, "gated_delta_rule": chunk_gated_delta_rule}
     except Exception as e:  # the table then says fla was unavailable
         log(f"fla unavailable: {type(e).__name__}: {e}")
         return None
@@ -111,12 +117,18 @@ def inputs(key, b, s, h, d, variant):
     gate = None
     if variant == "simple_gla":
         gate = jax.nn.log_sigmoid(jax.random.normal(kg, (b, s, h), jnp.float32) + 4.0)  # mostly mild decay
+    if variant == "retention":  # fla's chunk_retention's decays
+        decay = jnp.log1p(-(2.0 ** (-5.0 - jnp.arange(h, dtype=jnp.float32))))
+        gate = jnp.broadcast_to(decay, (b, s, h))
     if variant == "gla":
         gate = jax.nn.log_sigmoid(jax.random.normal(kg, (b, s, h, d), jnp.float32)) / 16  # the paper's gate
-    if variant == "delta_rule":  # unit q and k (q then scaled), beta in (0, 1)
+    if variant in ("delta_rule", "gated_delta_rule"):  # unit q and k (q then scaled), beta in (0, 1)
         unit = lambda x: x / jnp.linalg.norm(x.astype(jnp.float32), axis=-1, keepdims=True)
         q, k = (unit(q) * d**-0.5).astype(jnp.bfloat16), unit(k).astype(jnp.bfloat16)
-        gate = jax.nn.sigmoid(jax.random.normal(kg, (b, s, h), jnp.float32)).astype(jnp.bfloat16)
+        kb, kl = jax.random.split(kg)
+        gate = jax.nn.sigmoid(jax.random.normal(kb, (b, s, h), jnp.float32)).astype(jnp.bfloat16)
+        if variant == "gated_delta_rule":
+            gate = (gate, jax.nn.log_sigmoid(jax.random.normal(kl, (b, s, h), jnp.float32) + 4.0))
     dout = jax.random.normal(kd, (b, s, h, d), jnp.float32).astype(jnp.bfloat16)
     return q, k, v, gate, dout
 
@@ -136,13 +148,17 @@ def timed(fn, sync, min_time=1.0, max_iters=100):
 def jax_fns(kind, variant, config=None):
     """(forward, forward+backward) jitted functions of (q, k, v, gate, dout) for one JAX implementation;
     ``config``: the Pallas kernel's tiling (None: its default)."""
-    if variant == "delta_rule" and kind == "pallas":
-        rec = lambda q, k, v, beta: delta_ops.chunked_delta_recurrence(q, k, v, beta, backend="triton",
-                                                                      interpret=SMOKE)[0]
-    elif variant == "delta_rule":  # XLA's chunked form, float32 maths and state
-        rec = lambda q, k, v, beta: _recurrent.delta_recurrence(
-            *(x.astype(jnp.float32) for x in (q, k, v, beta)), implementation="chunked", chunk_size=64
-        )[0].astype(q.dtype)
+    if variant in ("delta_rule", "gated_delta_rule"):
+        split = (lambda g: g) if variant == "gated_delta_rule" else (lambda g: (g, None))  # (beta, log gate)
+        if kind == "pallas":
+            rec = lambda q, k, v, g: delta_ops.chunked_delta_recurrence(q, k, v, *split(g), backend="triton",
+                                                                       interpret=SMOKE)[0]
+        else:  # XLA's chunked form, float32 maths and state
+            def rec(q, k, v, g):
+                beta, log_gate = split(g)
+                q, k, v, beta = (x.astype(jnp.float32) for x in (q, k, v, beta))
+                return _recurrent.delta_recurrence(q, k, v, beta, log_gate=log_gate, implementation="chunked",
+                                                   chunk_size=64)[0].astype(jnp.bfloat16)
     elif variant == "gla" and kind == "pallas":
         rec = lambda q, k, v, g: vector_gate_ops.chunked_vector_gate_recurrence(
             q, k, v, g, config=config, backend="triton", interpret=SMOKE)[0]
@@ -160,8 +176,8 @@ def jax_fns(kind, variant, config=None):
         return rec(q, k, v, g)
 
     def forward_backward(q, k, v, g, dout):
-        if g is None:
-            out, vjp = jax.vjp(lambda q, k, v: rec(q, k, v, None), q, k, v)
+        if g is None or variant in FIXED_GATE:
+            out, vjp = jax.vjp(lambda q, k, v: rec(q, k, v, g), q, k, v)
         else:
             out, vjp = jax.vjp(rec, q, k, v, g)
         return out, vjp(dout)
@@ -189,20 +205,25 @@ def run_fla(fla, variant, mode, q, k, v, gate, dout):
     import torch
 
     to_torch = lambda x: torch.from_dlpack(x) if x is not None else None
-    tq, tk, tv, tg, tdo = (to_torch(x) for x in (q, k, v, gate, dout))
+    gates = () if gate is None or variant in FIXED_GATE else gate if isinstance(gate, tuple) else (gate,)
+    tq, tk, tv, tdo, *tg = (to_torch(x) for x in (q, k, v, dout, *gates))
     fn = fla[variant]
 
-    def call(q, k, v, g=None):
+    def call(q, k, v, *g):
         if variant in ("simple_gla", "gla"):
-            return fn(q, k, v, g=g, scale=1.0)[0]
+            return fn(q, k, v, g=g[0], scale=1.0)[0]
         if variant == "delta_rule":
-            return fn(q, k, v, g, scale=1.0)[0]  # g carries beta
+            return fn(q, k, v, g[0], scale=1.0)[0]  # g carries beta
+        if variant == "gated_delta_rule":
+            return fn(q, k, v, g[1], g[0], scale=1.0)[0]  # (log gate, beta)
+        if variant == "retention":
+            return fn(q, k, v, scale=1.0)[0]  # its fixed decays are the inputs' (``inputs``)
         return fn(q, k, v, scale=1.0, normalize=False)[0]
 
     if mode == "forward":
-        run = lambda: call(tq, tk, tv, tg)
-    else:  # the gate is a leaf too, so that fla computes its gradient as the JAX paths do
-        leaves = [x.detach().clone().requires_grad_(True) for x in (tq, tk, tv, tg) if x is not None]
+        run = lambda: call(tq, tk, tv, *tg)
+    else:  # the gates are leaves too, so that fla computes their gradients as the JAX paths do
+        leaves = [x.detach().clone().requires_grad_(True) for x in (tq, tk, tv, *tg)]
 
         def run():
             out = call(*leaves)
@@ -259,7 +280,7 @@ def main():
     results = []
     for b, s, h, d in shapes:
         for variant in args.variants:
-            kernel = {"gla": "vector", "delta_rule": None}.get(variant, "scalar")
+            kernel = {"gla": "vector", "delta_rule": None, "gated_delta_rule": None}.get(variant, "scalar")
             tilings = SWEEP[kernel] if args.sweep and kernel else {}
             impls = ["xla_chunked", "pallas"] + [f"pallas[{label}]" for label in tilings] + ["fla"]
             q, k, v, gate, dout = inputs(jax.random.key(0), b, s, h, d, variant)
