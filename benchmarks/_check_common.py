@@ -48,6 +48,19 @@ def time_call(fn, *args, reps):
     return statistics.median(times)
 
 
+def guarded_check(log, label, check, *args, deadline):
+    """``check(*args)`` unless ``time.perf_counter()`` has passed ``deadline``; a failure is logged with its
+    traceback's tail, not raised (one failing check must not hide the others)."""
+    if time.perf_counter() > deadline:
+        log(f"{label}: check skipped (time budget)")
+        return
+    try:
+        check(*args)
+    except Exception as e:
+        log(f"{label}: FAILED {type(e).__name__}: {str(e)[:1500]}")
+        log(traceback.format_exc()[-1500:])
+
+
 def time_forward_and_backward(log, label, forward, args, dout, tokens, *, deadline, reps):
     """Logs ms and tokens/s of ``forward(*args)`` and of the gradient of <forward(*args), dout> in every argument.
     A mode is skipped once ``time.perf_counter()`` passes ``deadline``; a failure is logged, not raised (a config

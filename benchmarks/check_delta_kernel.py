@@ -26,7 +26,6 @@ import dataclasses
 import os
 import sys
 import time
-import traceback
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -207,14 +206,7 @@ def run_checks(cases):
     """``check`` of each (dtype, gated) while the budget lasts; a failure is logged, not raised."""
     for dtype, gated in cases:
         label = f"{'gated' if gated else 'plain'} {jnp.dtype(dtype).name}"
-        if time.perf_counter() > START + BUDGET_S:
-            log(f"{label}: check skipped (time budget)")
-            continue
-        try:
-            check(dtype, gated)
-        except Exception as e:
-            log(f"{label}: FAILED {type(e).__name__}: {str(e)[:1500]}")
-            log(traceback.format_exc()[-1500:])
+        common.guarded_check(log, label, check, dtype, gated, deadline=START + BUDGET_S)
 
 
 def main():

@@ -21,7 +21,6 @@ import functools
 import os
 import sys
 import time
-import traceback
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -132,14 +131,8 @@ def main():
     wide, narrow = (32, 16) if SMOKE else (128, 64)
     checks = [(wide, jnp.bfloat16), (narrow, jnp.float32), (wide, jnp.float32), (narrow, jnp.bfloat16)]
     for d, dtype in checks if os.environ.get("GLA_CHECKS", "1") != "0" else ():
-        if time.perf_counter() > START + 0.4 * BUDGET_S:  # leave the timings most of the budget
-            log(f"D{d} {jnp.dtype(dtype).name}: skipped (time budget)")
-            continue
-        try:
-            check(d, dtype)
-        except Exception as e:
-            log(f"D{d} {jnp.dtype(dtype).name}: FAILED {type(e).__name__}: {str(e)[:1500]}")
-            log(traceback.format_exc()[-1500:])
+        # Leave the timings most of the budget.
+        common.guarded_check(log, f"D{d} {jnp.dtype(dtype).name}", check, d, dtype, deadline=START + 0.4 * BUDGET_S)
     one_kernel = dataclasses.replace(GPU_DEFAULT, scores_kernel=False)
     variants = [("default", GPU_DEFAULT), ("one-kernel output and gradients", one_kernel)] + [
         (f"scores warps {w}", dataclasses.replace(GPU_DEFAULT, scores_warps=w)) for w in (4, 8)]
