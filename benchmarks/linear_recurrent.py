@@ -18,7 +18,10 @@ compiled executable's arguments + outputs + temporaries (XLA's memory analysis),
 reset. Each case also records the relative error of the outputs against XLA's chunked form (float32 maths).
 Writes $OUT/linear_recurrent.json after every case and $OUT/linear_recurrent.md at the end.
 
-``--variants`` picks a subset; ``--sweep`` also times the Pallas kernels under each tiling of SWEEP (rows
+``--variants`` picks a subset, ``--shapes`` the shapes (indices), ``--no-xla`` skips XLA's chunked form (its
+compiles cost device time); ``--merge a.json b.json ...`` runs nothing and joins several device calls' files into
+one JSON + table (ratios stay within each call: fla's compile and autotuning take minutes per variant, so one
+session's full run spans several calls); ``--sweep`` also times the Pallas kernels under each tiling of SWEEP (rows
 "pallas[label]"), to tune the defaults; ``--smoke`` runs the whole script on the CPU at a tiny shape in Pallas'
 interpreter, without fla (a dry run of the script, not a measurement).
 """
@@ -239,19 +242,23 @@ def run_fla(fla, variant, mode, q, k, v, gate, dout):
     return seconds, int(torch.cuda.max_memory_allocated()), jnp.asarray(np.asarray(out.detach().float().cpu()))
 
 
-def write(results, final=False):
+def write(results, final=False, header=None):
+    """$OUT/linear_recurrent.json (``header`` or this run's device, versions, commit and date, and ``results``);
+    with ``final`` also the markdown table $OUT/linear_recurrent.md."""
     os.makedirs(OUT, exist_ok=True)
+    header = header or {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+                        "commit": os.environ.get("BENCH_COMMIT"), "xla_flags": os.environ.get("XLA_FLAGS"),
+                        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     with open(os.path.join(OUT, "linear_recurrent.json"), "w") as f:
-        json.dump({"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
-                   "commit": os.environ.get("BENCH_COMMIT"), "xla_flags": os.environ.get("XLA_FLAGS"),
-                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "results": results}, f, indent=1)
+        json.dump({**header, "results": results}, f, indent=1)
     if not final:
         return
     lines = ["| variant | shape | mode | impl | tokens/s (M) | vs fla | peak MiB | rel err vs XLA |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
         fla_tps = next((x.get("tokens_per_s") for x in results if x["impl"] == "fla" and x["variant"] == r["variant"]
-                        and x["shape"] == r["shape"] and x["mode"] == r["mode"]), None)
+                        and x["shape"] == r["shape"] and x["mode"] == r["mode"] and x.get("run") == r.get("run")),
+                       None)
         tps = r.get("tokens_per_s")
         ratio = f"{tps / fla_tps:.2f}x" if tps and fla_tps else "-"
         cell = f"{tps / 1e6:.2f}" if tps else r.get("error", "-")[:60].replace("|", "/")
@@ -265,24 +272,49 @@ def write(results, final=False):
     print(table)
 
 
+def merge(paths):
+    """One JSON + table from several runs' files. Ratios stay within a run: each fla row is matched to the rows of
+    its own file (a "run" field records which). Refuses files from different devices, jax versions or commits."""
+    runs = [json.load(open(path)) for path in paths]
+    keys = ("device", "jax", "commit", "xla_flags")
+    for run, path in zip(runs[1:], paths[1:]):
+        if any(run.get(key) != runs[0].get(key) for key in keys):
+            raise SystemExit(f"{path}: {[run.get(key) for key in keys]} differs from {paths[0]}'s "
+                             f"{[runs[0].get(key) for key in keys]}")
+    results = [{**row, "run": i} for i, run in enumerate(runs) for row in run["results"]]
+    header = {key: runs[0].get(key) for key in keys} | {"date": [run.get("date") for run in runs]}
+    write(results, final=True, header=header)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--fla-wheel", default=None, help="path of the fla-core 0.6.0 wheel to import fla from")
     parser.add_argument("--quick", action="store_true", help="first shape only")
+    parser.add_argument("--shapes", nargs="+", type=int, default=None,
+                        help="indices into SHAPES (0: B4 S8192, 1: B1 S32768); default both, or 0 with --quick")
+    parser.add_argument("--no-xla", action="store_true",
+                        help="skip XLA's chunked form (then no relative errors): its compiles take device time")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="no run: merge these result files (device calls of one session) into one JSON + table")
     parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     parser.add_argument("--sweep", action="store_true", help="also time the Pallas kernels under SWEEP's tilings")
     parser.add_argument("--smoke", action="store_true", help="CPU dry run: tiny shape, interpret mode, no fla")
     args = parser.parse_args()
+    if args.merge:
+        merge(args.merge)
+        return
     global SMOKE
     SMOKE = args.smoke
     fla = None if args.smoke else load_fla(args.fla_wheel)
-    shapes = [(1, 64, 2, 64)] if args.smoke else SHAPES[:1] if args.quick else SHAPES
+    indices = args.shapes if args.shapes is not None else [0] if args.quick else range(len(SHAPES))
+    shapes = [(1, 64, 2, 64)] if args.smoke else [SHAPES[i] for i in indices]
     results = []
     for b, s, h, d in shapes:
         for variant in args.variants:
             kernel = {"gla": "vector", "delta_rule": None, "gated_delta_rule": None}.get(variant, "scalar")
             tilings = SWEEP[kernel] if args.sweep and kernel else {}
-            impls = ["xla_chunked", "pallas"] + [f"pallas[{label}]" for label in tilings] + ["fla"]
+            impls = ([] if args.no_xla else ["xla_chunked"]) + ["pallas"] + [f"pallas[{label}]" for label in tilings]
+            impls.append("fla")
             q, k, v, gate, dout = inputs(jax.random.key(0), b, s, h, d, variant)
             shape = f"B{b} S{s} H{h} D{d}"
             for mode in ("forward", "forward+backward"):
