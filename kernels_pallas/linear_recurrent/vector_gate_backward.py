@@ -209,10 +209,8 @@ def backward_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, dstate_ref, dout_re
         # For the first sub-chunk any row at or before it is a valid reference.
         before_ref = cum_ref[pl.ds(max(start - 1, 0), 1), :]
         after_ref = cum_ref[pl.ds(start + sub - 1, 1), :]
-        sub_chunk = (start, k_sub, v_sub, dout_sub, cum_sub, before_ref, after_ref)
 
-        def factored(sub_chunk=sub_chunk):
-            start, k_sub, v_sub, dout_sub, cum_sub, before_ref, after_ref = sub_chunk
+        def factored():  # traced by lax.cond below, in this iteration
             # dq: the columns up to this sub-chunk's end (dA masked to s <= t), referenced to the step before it.
             upto = pl.ds(0, pow2_at_least(start + sub))
             dscores = dot(dout_sub, v_ref[upto, :], trans_b=True)
@@ -235,8 +233,7 @@ def backward_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, dstate_ref, dout_re
             scores = jnp.where(causal, dot(q_hat, (k_sub * from_ref).astype(dtype), trans_b=True), 0.0)
             return dq, dk, dot(scores.astype(dtype), dout_later, trans_a=True)
 
-        def looped(sub_chunk=sub_chunk, q_sub=q_sub):
-            start, k_sub, v_sub, dout_sub, cum_sub, before_ref, after_ref = sub_chunk
+        def looped():
             scores, dq, dk = diagonal_backward(q_sub, k_sub, cum_sub, dot(dout_sub, v_sub, trans_b=True),
                                                k_ref, cum_ref, start)
             dv = dot(scores.astype(dtype), dout_sub, trans_a=True)

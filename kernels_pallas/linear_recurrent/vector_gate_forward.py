@@ -102,7 +102,7 @@ def output_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, out_ref, *, sub):
         ref_row = cum_ref[pl.ds(max(start - 1, 0), 1), :]
         q_hat = (q_sub * exp(cum_sub - ref_row)).astype(dtype)
 
-        def factored(start=start, q_hat=q_hat, ref_row=ref_row):
+        def factored():  # traced by lax.cond below, in this iteration
             upto = pl.ds(0, pow2_at_least(start + sub))  # rows past start + sub meet zero keys
             keys = earlier_keys(k_ref[upto, :], cum_ref[upto, :], ref_row, start + sub).astype(dtype)
             scores = dot(q_hat, keys, trans_b=True)
@@ -110,7 +110,7 @@ def output_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, out_ref, *, sub):
                       <= start + lax.broadcasted_iota(jnp.int32, scores.shape, 0))
             return dot(jnp.where(causal, scores, 0.0).astype(dtype), v_ref[upto, :])
 
-        def looped(start=start, rows=rows, q_sub=q_sub, cum_sub=cum_sub, q_hat=q_hat, ref_row=ref_row):
+        def looped():
             scores = diagonal_scores(q_sub, cum_sub, k_ref, cum_ref, start)
             out = dot(scores.astype(dtype), v_ref[rows, :])
             if start:  # earlier sub-chunks
