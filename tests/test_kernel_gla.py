@@ -6,7 +6,6 @@ initial state, several chunks and sub-chunks, several dk / dv blocks (summed par
 Shapes stay tiny: interpret mode is slow.
 """
 
-
 import jax
 import jax.numpy as jnp
 import pytest
@@ -76,9 +75,8 @@ STRONG_DECAY_CONFIGS = {
 @pytest.mark.parametrize("backend,config", STRONG_DECAY_CONFIGS.values(), ids=STRONG_DECAY_CONFIGS.keys())
 def test_strong_decay_stays_finite_and_exact(backend, config):
     # From step 20 on, half the key dimensions forget with log gates ~ -30 per step (cumulative sums reach ~-1000
-    # in a chunk, so exp of any positive difference would overflow), the other half barely decay. With the scores
-    # kernel the first sub-chunk's scores factor through one reference row (span <= FACTORED_SPAN) and the later
-    # ones take the column loop.
+    # in a chunk, so exp of any positive difference would overflow), the other half barely decay. The sub-chunks
+    # before step 20 factor through one reference row (span <= FACTORED_SPAN), the later ones take the column loop.
     def gate(key, shape):
         strong = -30.0 + jax.random.uniform(key, shape, minval=-5.0, maxval=5.0)
         mild = jax.nn.log_sigmoid(jax.random.normal(key, shape) + 4.0)
