@@ -7,7 +7,8 @@
    every Pallas kernel (Pallas' ``lower_jaxpr_to_triton_module``, wrapped) and its launch settings.
 2. In ``--triton-python`` (a Python with the ``triton`` wheel of the GPU machine, 3.6.0; not a project dependency):
    each kernel's IR is compiled for sm_90a with those settings and ptxas reports what it uses.
-Prints a table (kernel, warps, stages, registers per thread, spill stores / loads in bytes, shared memory) and
+Prints a table (kernel, warps, stages, registers per thread, spill stores / loads in bytes, shared memory, static
+SASS instructions from cuobjdump: a size, not a count of what runs, since loops run many times) and
 writes ``triton_resources.json`` to --out (``benchmarks/results/triton_resources_sm90.{txt,json}``: the defaults of
 2026-12-02). At 255 registers a program of 8 warps takes the whole register file of an SM (one program per SM);
 spills go to local memory. The sizes are those of a short sequence: the kernels' tiles do not depend on its length.
@@ -35,7 +36,7 @@ from kernels_pallas.linear_recurrent.vector_gate_ops import chunked_vector_gate_
 
 # Runs in --triton-python: compile one IR file for sm_90a, print ptxas' report.
 _COMPILE = """
-import subprocess, sys, os, triton
+import os, re, subprocess, sys, triton
 from triton.backends.compiler import GPUTarget
 path, warps, stages = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 kernel = triton.compile(path, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
@@ -45,6 +46,9 @@ report = subprocess.run([ptxas, "--gpu-name", "sm_90a", "-v", path + ".ptx", "-o
                         capture_output=True, text=True)
 print(report.stdout + report.stderr)
 print("shared", kernel.metadata.shared)
+sass = subprocess.run([os.path.join(os.path.dirname(ptxas), "cuobjdump"), "-sass", path + ".cubin"],
+                      capture_output=True, text=True).stdout
+print("sass", len(re.findall(r"/[*][0-9a-f]+[*]/\s+[A-Z@]", sass)))
 """
 
 
@@ -102,7 +106,8 @@ def compile_report(triton_python, ir, warps, stages, workdir, name):
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
     return {"registers": int(re.search(r"Used (\d+) registers", out).group(1)),
             "spill_stores": int(spills.group(1)), "spill_loads": int(spills.group(2)),
-            "shared_bytes": int(re.search(r"shared (\d+)", out).group(1))}
+            "shared_bytes": int(re.search(r"shared (\d+)", out).group(1)),
+            "sass_instructions": int(re.search(r"sass (\d+)", out).group(1))}
 
 
 def main():
@@ -117,7 +122,8 @@ def main():
                 report = compile_report(args.triton_python, ir, warps, stages, workdir, name)
                 rows.append(dict(family=family, kernel=name, num_warps=warps, num_stages=stages, **report))
                 print(f"{family:17s} {name:28s} warps {warps} stages {stages}: {report['registers']:3d} registers, "
-                      f"spills {report['spill_stores']} / {report['spill_loads']} B, shared {report['shared_bytes']} B",
+                      f"spills {report['spill_stores']} / {report['spill_loads']} B, shared {report['shared_bytes']} B, "
+                      f"{report['sass_instructions']} SASS instructions",
                       flush=True)
     with open(os.path.join(args.out, "triton_resources.json"), "w") as f:
         json.dump({"jax": jax.__version__, "target": "sm_90a", "commit": os.environ.get("BENCH_COMMIT"),
