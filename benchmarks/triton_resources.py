@@ -35,7 +35,7 @@ from kernels_pallas.linear_recurrent.delta_ops import chunked_delta_recurrence
 from kernels_pallas.linear_recurrent.vector_gate_ops import chunked_vector_gate_recurrence
 
 # Runs in --triton-python: compile one IR file for sm_90a, print ptxas' report.
-_COMPILE = """
+_COMPILE = r"""
 import os, re, subprocess, sys, triton
 from triton.backends.compiler import GPUTarget
 path, warps, stages = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
