@@ -204,7 +204,9 @@ def run_jax(kind, variant, mode, q, k, v, gate, dout, config=None):
     return seconds, jax_memory(fn, args), (out if mode == "forward" else out[0])
 
 
-def run_fla(fla, variant, mode, q, k, v, gate, dout):
+def fla_call(fla, variant, mode, q, k, v, gate, dout):
+    """A no-argument function running fla's kernel once on these (JAX) inputs: the forward, or forward and
+    backward (the gates are leaves too, so that fla computes their gradients as the JAX paths do)."""
     import torch
 
     to_torch = lambda x: torch.from_dlpack(x) if x is not None else None
@@ -224,20 +226,28 @@ def run_fla(fla, variant, mode, q, k, v, gate, dout):
         return fn(q, k, v, scale=1.0, normalize=False)[0]
 
     if mode == "forward":
-        run = lambda: call(tq, tk, tv, *tg)
-    else:  # the gates are leaves too, so that fla computes their gradients as the JAX paths do
-        leaves = [x.detach().clone().requires_grad_(True) for x in (tq, tk, tv, *tg)]
-
         def run():
-            out = call(*leaves)
-            out.backward(tdo)
-            return out
+            with torch.no_grad():
+                return call(tq, tk, tv, *tg)
 
-    sync = lambda _: torch.cuda.synchronize()
+        return run
+    leaves = [x.detach().clone().requires_grad_(True) for x in (tq, tk, tv, *tg)]
+
+    def run():
+        out = call(*leaves)
+        out.backward(tdo)
+        return out
+
+    return run
+
+
+def run_fla(fla, variant, mode, q, k, v, gate, dout):
+    import torch
+
+    run = fla_call(fla, variant, mode, q, k, v, gate, dout)
     torch.cuda.reset_peak_memory_stats()
-    with torch.no_grad() if mode == "forward" else torch.enable_grad():
-        seconds = timed(run, sync)
-        out = run()
+    seconds = timed(run, lambda _: torch.cuda.synchronize())
+    out = run()
     torch.cuda.synchronize()
     return seconds, int(torch.cuda.max_memory_allocated()), jnp.asarray(np.asarray(out.detach().float().cpu()))
 

@@ -1,0 +1,87 @@
+"""Kernel by kernel: fla's chunk kernels beside ours, one forward+backward each, on the GPU machine.
+
+    PYTHONPATH=. python benchmarks/profile_fla.py --fla-wheel path/to/fla_core-0.6.0-py3-none-any.whl \
+        [--variants gla delta_rule] [--mode forward]
+
+For each variant (``benchmarks/linear_recurrent.py``'s inputs at B4 S8192 H16 D128 bf16): fla's call three times
+(Triton's compile and fla's autotuning happen there), then once under ``torch.profiler`` (CUPTI); the same for the
+Pallas kernels' jitted call in the same profiler session (CUPTI sees every kernel of the process, XLA's too, where
+the driver allows). Prints and writes $OUT/profile_fla.txt: per kernel, calls and device time in ms, largest
+first, per implementation. fla refuses gated backwards on Triton 3.6 on Hopper: use ``--mode forward`` there.
+Nothing is asserted; Nsight Compute's view of our kernels is ``benchmarks/profile_linear_recurrent.sh``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with PyTorch
+
+import jax  # noqa: E402
+
+from benchmarks import linear_recurrent as lr  # noqa: E402
+
+OUT = os.environ.get("OUT", ".")
+SHAPE = (4, 8192, 16, 128)
+
+
+def device_ms(event):
+    """An averaged profiler event's own device time in ms (the attribute's name changed across torch versions)."""
+    for name in ("self_device_time_total", "self_cuda_time_total"):
+        if hasattr(event, name):
+            return getattr(event, name) / 1e3
+    return 0.0
+
+
+def profile(label, run, sync, log):
+    """Runs ``run`` three times, then once under the profiler; logs its kernels, largest first."""
+    import torch
+
+    for _ in range(3):
+        sync(run())
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        sync(run())
+    rows = sorted(((device_ms(e), e.count, e.key) for e in prof.key_averages() if device_ms(e) > 0), reverse=True)
+    log(f"## {label}: {sum(ms for ms, _, _ in rows):.3f} ms of kernels")
+    for ms, count, name in rows:
+        log(f"{ms:9.3f} ms {count:4d}x  {name[:110]}")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--fla-wheel", default=None)
+    parser.add_argument("--variants", nargs="+", default=["gla", "delta_rule"], choices=lr.VARIANTS)
+    parser.add_argument("--mode", default="forward+backward", choices=["forward", "forward+backward"])
+    args = parser.parse_args()
+    import torch
+
+    lines = []
+
+    def log(*parts):
+        lines.append(" ".join(str(p) for p in parts))
+        print(*parts, flush=True)
+
+    log(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}, torch {torch.__version__}, commit "
+        f"{os.environ.get('BENCH_COMMIT')}, {args.mode}, B{SHAPE[0]} S{SHAPE[1]} H{SHAPE[2]} D{SHAPE[3]} bf16")
+    fla = lr.load_fla(args.fla_wheel)
+    for variant in args.variants:
+        q, k, v, gate, dout = lr.inputs(jax.random.key(0), *SHAPE, variant)
+        try:
+            run = lr.fla_call(fla, variant, args.mode, q, k, v, gate, dout)
+            profile(f"fla {variant}", run, lambda _: torch.cuda.synchronize(), log)
+        except Exception as e:  # fla refuses some backwards: report and go on
+            log(f"## fla {variant}: FAILED {type(e).__name__}: {str(e)[:300]}")
+        forward, forward_backward = lr.jax_fns("pallas", variant)
+        fn = forward if args.mode == "forward" else forward_backward
+        try:
+            profile(f"pallas {variant}", lambda: fn(q, k, v, gate, dout), jax.block_until_ready, log)
+        except Exception as e:
+            log(f"## pallas {variant}: FAILED {type(e).__name__}: {str(e)[:300]}")
+        with open(os.path.join(OUT, "profile_fla.txt"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
