@@ -33,8 +33,9 @@ LOG2_E = 1.4426950408889634
 def exp(x):
     """e^x as 2^(x log2 e), the kernels' exponential. Pallas' Triton lowering sends float32 ``jnp.exp`` to
     libdevice's ``expf`` (a range reduction of about ten instructions around one MUFU.EX2) and ``jnp.exp2`` to the
-    bare MUFU.EX2 that Triton's own ``exp`` emits; the GLA kernels exponentiate whole [sub, dk] tiles in their inner
-    loops (ptxas: a third fewer instructions). Relative error ~|x| 2^-24 on top of ex2's 2 ulp; exponents are <= 0."""
+    bare MUFU.EX2 that Triton's own ``exp`` emits; the GLA kernels exponentiate whole [sub, dk] tiles (a quarter to
+    43 % fewer SASS instructions). Relative error ~|x| 2^-24 on top of ex2's 2 ulp; exponents are <= 0, or at most
+    the GLA kernels' FACTORED_SPAN."""
     return jnp.exp2(x * LOG2_E)
 
 
