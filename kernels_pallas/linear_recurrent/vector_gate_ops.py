@@ -30,7 +30,8 @@ class VectorGateConfig:
       scores_kernel: GPU only. The intra-chunk work in its own kernels, as fla lays it out: the forward writes
         A (one program per sub-chunk, q's dtype), then the output (q * exp(cum)) S + A V; A is kept for the
         backward, which writes dA = dO V^T (and its transpose), then the terms of dq and dk from inside the chunk
-        (one program per sub-chunk, reading columns of dA: no reductions in its loop), then the rest with
+        (one program per sub-chunk: masked matmuls, or where the gates are too strong for the factoring a loop
+        over columns of dA without reductions), then the rest with
         whole-chunk matmuls. Costs C / dk of q's size in saved A, two float32 [C, C] tiles per chunk and two
         float32 copies of q's size in the backward.
       scores_warps: num_warps of the forward's scores kernel of ``scores_kernel`` (None = num_warps): its tiles
