@@ -100,27 +100,27 @@ def kernel_forward(config):
     return forward
 
 
-def chunked_inputs(chunk):
-    """The bench inputs as ``delta_ops`` hands them to the WY preparation: float32 heads-first chunks
-    k [b, h, n, C, d], v like k, beta and the inclusive cumulative log gates [b, h, n, C]."""
+def prepare_inputs(chunk, fused):
+    """The bench inputs as ``delta_ops`` hands them to the WY preparation: k and v in bf16 [b, s, h, d] for the fused
+    kernel, else float32 heads-first chunks [b, h, n, C, d]; beta and the inclusive cumulative log gates
+    [b, h, n, C]."""
     b, s, h, d = BENCH_SHAPE
     _, k, v, beta, gate, _, _, _ = inputs(jax.random.key(0), b, s, h, d, jnp.bfloat16)
-
-    def chunks(x):
-        x = jnp.swapaxes(x.astype(jnp.float32), 1, 2)
-        return x.reshape((b, h, s // chunk, chunk) + x.shape[3:])
-
-    return chunks(k), chunks(v), chunks(beta), jnp.cumsum(chunks(gate), axis=-1)
+    beta, cum = delta_chunk.to_chunks(beta, chunk), jnp.cumsum(delta_chunk.to_chunks(gate, chunk), axis=-1)
+    if not fused:
+        k, v = (delta_chunk.to_chunks(x.astype(jnp.float32), chunk) for x in (k, v))
+    return k, v, beta, cum
 
 
 def bench_prepare(config, label):
     """Forward and forward+backward (gradients of k, v, beta, cum) of the WY preparation alone with ``config``'s
     choice (triangular solve, inverse kernel, fused kernel), as the bf16 kernel runs it."""
-    args = chunked_inputs(config.chunk_size)
     options = wy_options(config, "triton", SMOKE, jnp.bfloat16)
+    fused = options.get("fused")
+    args = prepare_inputs(config.chunk_size, fused is not None)
 
     def prepare(*xs):
-        return delta_chunk.wy_prepare(*xs, **options)
+        return fused(*xs) if fused is not None else delta_chunk.wy_prepare(*xs, **options)
 
     def gradients(cotangents, *xs):
         return jax.vjp(prepare, *xs)[1](cotangents)
@@ -142,7 +142,7 @@ def bench_prepare(config, label):
 
 def bench_inverse(config, label):
     """The inverse kernel alone (forward): T [b, h, n, C, C] from k, beta, cum."""
-    k, _, beta, cum = chunked_inputs(config.chunk_size)
+    k, _, beta, cum = prepare_inputs(config.chunk_size, fused=False)
     settings = delta_inverse_gpu.Settings(interpret=SMOKE, tf32=True, num_warps=config.num_warps,
                                           num_stages=config.num_stages)
     if time.perf_counter() > START + BUDGET_S:

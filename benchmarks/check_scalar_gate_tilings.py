@@ -1,11 +1,14 @@
 """Interleaved repeats of a few scalar-gate (simple GLA) kernel tilings, to pick the GPU default despite run-to-run
-noise (one sweep of ``benchmarks/linear_recurrent.py --sweep`` moved the same tiling by 20-30 % between runs).
+noise (one sweep of ``benchmarks/linear_recurrent.py --sweep`` moved the same tiling by 20-30 % between runs);
+``--variant delta_rule`` or ``gated_delta_rule``: the delta rule's tilings instead.
 
-Run on the GPU machine from the repository root: ``PYTHONPATH=. python benchmarks/check_scalar_gate_tilings.py``.
-B4 S8192 H16 D128 bf16 (``linear_recurrent.inputs``), forward and forward+backward, every tiling once per repeat
-(REPEATS, default 3), printing M tokens/s per (repeat, mode, tiling); ``linear_recurrent.run_jax`` times them.
+Run on the GPU machine from the repository root: ``PYTHONPATH=. python benchmarks/check_scalar_gate_tilings.py
+[--variant simple_gla]``. B4 S8192 H16 D128 bf16 (``linear_recurrent.inputs``), forward and forward+backward,
+every tiling once per repeat (REPEATS, default 3), printing M tokens/s per (repeat, mode, tiling);
+``linear_recurrent.run_jax`` times them.
 """
 
+import argparse
 import dataclasses
 import os
 import sys
@@ -28,14 +31,25 @@ TILINGS = {
                                                              num_warps_bwd=8, num_stages_bwd=2),
 }
 
+# The delta rule's GPU default against its chunk-parallel kernels at 4 warps (DeltaConfig.parallel_warps).
+DELTA_TILINGS = {
+    "default": lr.delta_ops.GPU_DEFAULT,
+    "parallel warps 4": dataclasses.replace(lr.delta_ops.GPU_DEFAULT, parallel_warps=4),
+    "all warps 8": dataclasses.replace(lr.delta_ops.GPU_DEFAULT, num_warps=8, parallel_warps=8),
+}
+
 
 def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--variant", default="simple_gla", choices=["simple_gla", "delta_rule", "gated_delta_rule"])
+    variant = parser.parse_args().variant
+    tilings = TILINGS if variant == "simple_gla" else DELTA_TILINGS
     b, s, h, d = 4, 8192, 16, 128
-    q, k, v, gate, dout = lr.inputs(jax.random.key(0), b, s, h, d, "simple_gla")
+    q, k, v, gate, dout = lr.inputs(jax.random.key(0), b, s, h, d, variant)
     for repeat in range(int(os.environ.get("REPEATS", "3"))):
         for mode in ("forward", "forward+backward"):
-            for name, config in TILINGS.items():
-                seconds = lr.run_jax("pallas", "simple_gla", mode, q, k, v, gate, dout, config)[0]
+            for name, config in tilings.items():
+                seconds = lr.run_jax("pallas", variant, mode, q, k, v, gate, dout, config)[0]
                 print(repeat, mode, name, f"{b * s / seconds / 1e6:.2f} M tokens/s", flush=True)
 
 

@@ -154,8 +154,8 @@ def jax_fns(kind, variant, config=None):
     if variant in ("delta_rule", "gated_delta_rule"):
         split = (lambda g: g) if variant == "gated_delta_rule" else (lambda g: (g, None))  # (beta, log gate)
         if kind == "pallas":
-            rec = lambda q, k, v, g: delta_ops.chunked_delta_recurrence(q, k, v, *split(g), backend="triton",
-                                                                       interpret=SMOKE)[0]
+            rec = lambda q, k, v, g: delta_ops.chunked_delta_recurrence(q, k, v, *split(g), config=config,
+                                                                       backend="triton", interpret=SMOKE)[0]
         else:  # XLA's chunked form, float32 maths and state
             def rec(q, k, v, g):
                 beta, log_gate = split(g)

@@ -2,8 +2,8 @@
 per chunk against ``jnp.linalg.inv`` and XLA's triangular solve; its custom VJP against JAX's autodiff of the
 triangular solve, alone and through ``delta_chunk.wy_prepare``. The end-to-end delta rule runs it in
 test_kernel_delta.py through the fused variant (``fused_prepare``, ``DeltaConfig.fused_wy``, the GPU build's
-default); here the fused variant through ``wy_prepare`` against the triangular solve, and end to end against the
-inverse kernel applied by XLA matmuls (``fused_wy=False``); its backward kernel (``delta_wy_backward_gpu``,
+default); here the fused variant (in the caller's layout) against ``wy_prepare``'s triangular solve, and end to end
+against the inverse kernel applied by XLA matmuls (``fused_wy=False``); its backward kernel (``delta_wy_backward_gpu``,
 ``DeltaConfig.wy_backward_kernel``, the default) against its XLA backward, alone and end to end, and end to end
 each of them against the unfused path.
 """
@@ -93,49 +93,59 @@ def test_wy_prepare_with_the_kernel_matches_the_triangular_solve_path():
         assert rel_err(got, ref) < 1e-12, name
 
 
-def _kernel_fused(k, v, beta, cum):
-    return delta_inverse_gpu.fused_prepare(k, v, beta, cum, delta_inverse_gpu.FusedSettings(interpret=True))
+def _kernel_fused(k, v, beta, cum, kernel_backward=False):
+    settings = delta_inverse_gpu.FusedSettings(interpret=True, kernel_backward=kernel_backward)
+    return delta_inverse_gpu.fused_prepare(k, v, beta, cum, settings)
+
+
+def _heads_first_chunks(seed, chunk, dk, dv):
+    """Two heads of two chunks each: k [1, 2, 2, C, dk], v [.., C, dv], beta, cum [1, 2, 2, C] (float64)."""
+    k, beta, cum = (x.reshape((1, 2, 2) + x.shape[1:]) for x in _chunks(seed, 4, chunk, dk, jnp.float64))
+    v = jax.random.normal(jax.random.key(seed + 100), k.shape[:-1] + (dv,), jnp.float64)
+    return k, v, beta, cum
 
 
 def test_fused_prepare_matches_the_triangular_solve_path():
-    # The fused kernel (A, T and T applied in one kernel, DeltaConfig.fused_wy) through wy_prepare: u0, w, k_out and
-    # the gradients of k, v, beta, cum (its custom VJP) against autodiff of the triangular solve, float64, C = 32.
-    k, beta, cum = (x.reshape((1, 1) + x.shape) for x in _chunks(5, 2, 32, 16, jnp.float64))
-    keys = jax.random.split(jax.random.key(6), 4)
-    v = jax.random.normal(keys[0], k.shape[:-1] + (32,), jnp.float64)
-    shapes = (k.shape[:-1] + (32,), k.shape, k.shape)  # u0, w, k_out
-    cotangents = tuple(jax.random.normal(key, shape, k.dtype) for key, shape in zip(keys[1:], shapes))
+    # The fused kernel (A, T and T applied in one kernel, DeltaConfig.fused_wy), k and v in the caller's
+    # [b, s, h, d] layout: u0, w, k_out and the gradients of k, v, beta, cum (its custom VJP) against autodiff of
+    # wy_prepare's triangular solve on heads-first chunks, float64, C = 32, two heads.
+    k, v, beta, cum = _heads_first_chunks(5, 32, 16, 32)
+    keys = jax.random.split(jax.random.key(6), 3)
+    shapes = (v.shape, k.shape, k.shape)  # u0, w, k_out
+    cotangents = tuple(jax.random.normal(key, shape, k.dtype) for key, shape in zip(keys, shapes))
+    seq = delta_chunk.from_chunks
 
-    def values_and_gradients(fn):
-        outs, vjp = jax.vjp(fn, k, v, beta, cum)
-        return outs, vjp(cotangents)
+    def reference():
+        outs, vjp = jax.vjp(delta_chunk.wy_prepare, k, v, beta, cum)
+        dk, dv, dbeta, dcum = vjp(cotangents)
+        return tuple(map(seq, outs)), (seq(dk), seq(dv), dbeta, dcum)
 
-    fused = lambda *args: delta_chunk.wy_prepare(*args, fused=_kernel_fused)
-    outs, grads = jax.jit(lambda: values_and_gradients(fused))()
-    want, want_grads = jax.jit(lambda: values_and_gradients(delta_chunk.wy_prepare))()
+    def fused():
+        outs, vjp = jax.vjp(_kernel_fused, seq(k), seq(v), beta, cum)
+        return outs, vjp(tuple(map(seq, cotangents)))
+
+    outs, grads = jax.jit(fused)()
+    want, want_grads = jax.jit(reference)()
     for name, got, ref in zip(("u0", "w", "k_out", "dk", "dv", "dbeta", "dcum"), outs + grads, want + want_grads):
-        assert got.dtype == ref.dtype, name
+        assert got.dtype == ref.dtype and got.shape == ref.shape, name
         assert rel_err(got, ref) < 1e-12, name
 
 
 def test_wy_backward_kernel_matches_the_xla_backward():
     # delta_wy_backward_gpu (FusedSettings.kernel_backward) against _fused_bwd's XLA code on the same residuals and
-    # cotangents, float64: 3 chunks of 32, dk 16 != dv 32, beta in (0, 2), the last chunk's gates ~-30 every other
-    # step (exponents down to ~-500: exp(c_t - c_s) with s > t would overflow).
-    k, beta, cum = (x.reshape((1,) + x.shape) for x in _chunks(8, 3, 32, 16, jnp.float64))
-    beta = 2.0 * beta
+    # cotangents, float64: two heads of two chunks of 32, dk 16 != dv 32, beta in (0, 2), the last chunk's gates
+    # ~-30 every other step (exponents down to ~-500: exp(c_t - c_s) with s > t would overflow).
+    k, v, beta, cum = _heads_first_chunks(8, 32, 16, 32)
+    k, v, beta = delta_chunk.from_chunks(k), delta_chunk.from_chunks(v), 2.0 * beta
     keys = jax.random.split(jax.random.key(9), 3)
-    v, u0_bar = (jax.random.normal(key, k.shape[:-1] + (32,), jnp.float64) for key in keys[:2])
-    w_bar = jax.random.normal(keys[2], k.shape, jnp.float64)
-    settings = delta_inverse_gpu.FusedSettings(interpret=True)
-    kernel_settings = delta_inverse_gpu.FusedSettings(interpret=True, kernel_backward=True)
+    cotangents = tuple(jax.random.normal(key, x.shape, jnp.float64) for key, x in zip(keys, (v, k, k)))
 
-    def gradients(settings):
-        _, residuals = delta_inverse_gpu._fused_fwd(k, v, beta, cum, settings)
-        return delta_inverse_gpu._fused_bwd(settings, residuals, (u0_bar, w_bar))
+    def gradients(kernel_backward):
+        return jax.vjp(lambda *xs: _kernel_fused(*xs, kernel_backward=kernel_backward), k, v, beta, cum)[1](
+            cotangents)
 
-    got = jax.jit(lambda: gradients(kernel_settings))()
-    want = jax.jit(lambda: gradients(settings))()
+    got = jax.jit(lambda: gradients(True))()
+    want = jax.jit(lambda: gradients(False))()
     for name, g, w, x in zip(("dk", "dv", "dbeta", "dcum"), got, want, (k, v, beta, cum)):
         assert g.dtype == w.dtype == x.dtype and g.shape == w.shape == x.shape, name
         assert jnp.all(jnp.isfinite(g)), name

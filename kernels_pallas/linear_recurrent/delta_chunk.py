@@ -1,6 +1,7 @@
 """The WY preparation of the chunked (gated) delta rule, in plain JAX (XLA, differentiated by JAX's autodiff): the
 state-independent part of every chunk, computed in parallel before the sequential state pass. On the GPU build the
-triangular solve is replaced by an explicit inverse T from a Pallas kernel (``delta_inverse_gpu``) and two matmuls.
+triangular solve is replaced by an explicit inverse T from a Pallas kernel (``delta_inverse_gpu``) and two matmuls,
+or by default by one kernel doing all of it (``delta_inverse_gpu.fused_prepare``).
 
 Recurrence ("Parallelizing Linear Transformers with the Delta Rule over Sequence Length"; gated: "Gated Delta
 Networks: Improving Mamba2 with Delta Rule"), state S [dk, dv] (the papers' transpose):
@@ -52,7 +53,18 @@ def wy_matrix(gram, beta, cum):
     return beta[..., :, None] * decay_matrix(cum, inclusive=False) * gram
 
 
-def wy_prepare(k, v, beta, cum, inverse=None, precision=None, fused=None):
+def to_chunks(x, chunk):
+    """[b, s, h, d] -> heads-first chunks [b, h, n, C, d] (s = n C); [b, s, h] -> [b, h, n, C]."""
+    x = jnp.swapaxes(x, 1, 2)
+    return x.reshape(x.shape[:2] + (x.shape[2] // chunk, chunk) + x.shape[3:])
+
+
+def from_chunks(x):
+    """Heads-first chunks [b, h, n, C, d] -> [b, s, h, d] (``to_chunks``' inverse)."""
+    return jnp.swapaxes(x.reshape(x.shape[:2] + (-1,) + x.shape[4:]), 1, 2)
+
+
+def wy_prepare(k, v, beta, cum, inverse=None, precision=None):
     """The state-independent parts of every chunk.
 
     k [b, h, n, C, dk], v [b, h, n, C, dv], beta and cum [b, h, n, C] (all in the accumulation dtype) ->
@@ -61,16 +73,11 @@ def wy_prepare(k, v, beta, cum, inverse=None, precision=None, fused=None):
 
     ``inverse``: None: one unit lower-triangular solve per chunk in XLA (``jax.lax.linalg.triangular_solve``, and
     JAX's autodiff of it), what the TPU build runs. Else a function (k, beta, cum) -> T = (I + A)^-1 [.., C, C]
-    with its own VJP (``delta_inverse_gpu.inverse``, the GPU build), applied with two batched matmuls at
-    ``precision``: u0 = T diag(beta) V, w = T diag(beta exp(c)) K (fla's layout).
-
-    ``fused``: a function (k, v, beta, cum) -> (u0, w) with its own VJP that does all of it in one kernel
-    (``delta_inverse_gpu.fused_prepare``, opt-in on the GPU build; u0 and w in its own output dtype, q's there);
-    ``inverse`` and ``precision`` are then unused.
+    with its own VJP (``delta_inverse_gpu.inverse``), applied with two batched matmuls at ``precision``:
+    u0 = T diag(beta) V, w = T diag(beta exp(c)) K (fla's layout). The GPU build's default does all of this in
+    one kernel instead (``delta_inverse_gpu.fused_prepare``).
     """
     k_out = k * exp(cum[..., -1:] - cum)[..., None]
-    if fused is not None:
-        return fused(k, v, beta, cum) + (k_out,)
     v_in = beta[..., None] * v
     k_in = (beta * exp(cum))[..., None] * k
     if inverse is not None:

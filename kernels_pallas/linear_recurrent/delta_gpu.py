@@ -14,8 +14,9 @@ algebra is ``delta_math``.
   the stored state gradients afterwards: this takes two of the walk's four dots per chunk out of the sequential
   loop, and covering all of dv at once writes them whole instead of as float32 partial sums over dv blocks.
 
-Inputs are heads-first [batch, heads, seq, dim], padded by ``delta_ops``: sequence to a chunk multiple, head dims to
-powers of two >= 16 (Triton's dot needs them).
+Inputs are in the caller's [batch, seq, heads, dim] layout (the BlockSpecs pick one head's rows), cum heads-first
+[batch, heads, seq], padded by ``delta_ops``: sequence to a chunk multiple, head dims to powers of two >= 16
+(Triton's dot needs them).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels_pallas.linear_recurrent import delta_math
-from kernels_pallas.linear_recurrent.gpu_forward import acc_dtype, chunk_specs, chunk_tiles, compiler_params, make_dot
+from kernels_pallas.linear_recurrent.gpu_forward import (acc_dtype, chunk_specs, chunk_tiles, compiler_params, make_dot,
+                                                          seq_spec)
 
 
 def _chunk_last(cum_ref, rows, is_last):
@@ -53,8 +55,8 @@ def _states_kernel(w_ref, u0_ref, kout_ref, cum_ref, h0_ref, states_ref, u_ref, 
 
 def _specs(s, dk, bv, n_chunks):
     """Whole-sequence tiles of one (batch, head, dv block): dk-wide, bv-wide, gates, state, all states."""
-    seq_k = pl.BlockSpec((None, None, s, dk), lambda bi, hi, vi: (bi, hi, 0, 0))
-    seq_v = pl.BlockSpec((None, None, s, bv), lambda bi, hi, vi: (bi, hi, 0, vi))
+    seq_k = seq_spec(s, dk, True, lambda bi, hi, vi: (bi, hi, 0, 0))
+    seq_v = seq_spec(s, bv, True, lambda bi, hi, vi: (bi, hi, 0, vi))
     gates = pl.BlockSpec((None, None, s), lambda bi, hi, vi: (bi, hi, 0))
     state = pl.BlockSpec((None, None, dk, bv), lambda bi, hi, vi: (bi, hi, 0, vi))
     all_states = pl.BlockSpec((None, None, n_chunks, dk, bv), lambda bi, hi, vi: (bi, hi, 0, 0, vi))
@@ -62,9 +64,9 @@ def _specs(s, dk, bv, n_chunks):
 
 
 def states(w, u0, k_out, cum, h0, *, config, interpret):
-    """w/k_out [b, h, s, dk], u0 [b, h, s, dv], cum [b, h, s], h0 [b, h, dk, dv] (acc dtype) ->
+    """w/k_out [b, s, h, dk], u0 [b, s, h, dv], cum [b, h, s], h0 [b, h, dk, dv] (acc dtype) ->
     (states entering each chunk [b, h, n, dk, dv] and U like u0, both in w's dtype; final state like h0)."""
-    b, h, s, dk = w.shape
+    b, s, h, dk = w.shape
     dv = u0.shape[-1]
     chunk, bv = config.chunk_size, config.block_v
     n_chunks = s // chunk
@@ -111,10 +113,10 @@ def _weights_kernel(u_ref, du0_ref, state_ref, dleaving_ref, dw_ref, dkout_ref):
 
 def dstates(w, k_out, cum, all_states, u, dall_states, du, dfinal, *, config, interpret):
     """Reverse of ``states`` given the cotangents of its outputs (dall_states, du, dfinal) ->
-    (d u0 like u, d w [1, b, h, s, dk] in w's dtype, d k_out like d w, d cum [n_v, b, h, s] in the accumulation
+    (d u0 like u, d w [1, *w.shape] in w's dtype, d k_out like d w, d cum [n_v, b, h, s] in the accumulation
     dtype, d h0 like dfinal). d cum is a partial sum over the n_v dv blocks; d w and d k_out are whole (the
     leading axis keeps the partial-sum contract of ``delta_tpu.dstates``, which the caller sums)."""
-    b, h, s, dk = w.shape
+    b, s, h, dk = w.shape
     dv = u.shape[-1]
     chunk, bv = config.chunk_size, config.block_v
     n_chunks, n_v = s // chunk, dv // bv
@@ -133,7 +135,7 @@ def dstates(w, k_out, cum, all_states, u, dall_states, du, dfinal, *, config, in
         name="delta_dstates",
     )(w, k_out, cum, all_states, du, dall_states, dfinal)
     _, tile_v, _, chunk_state = chunk_specs(chunk, dk, dv)
-    whole_k = pl.BlockSpec((None, None, None, chunk, dk), lambda bi, hi, n: (0, bi, hi, n, 0))
+    whole_k = pl.BlockSpec((None, None, chunk, None, dk), lambda bi, hi, n: (0, bi, n, hi, 0))
     dw, dk_out = pl.pallas_call(
         _weights_kernel,
         grid=(b, h, n_chunks),

@@ -37,8 +37,10 @@ Backward (``jax.custom_vjp``, plain JAX): T = (I + A)^-1 gives dT = -T dA T, so 
 beta and c. Two batched [C, C] matmuls and the Gram matrix's two: no triangular solve.
 
 Fused variant (``DeltaConfig.fused_wy``, the GPU build's default): ``fused_prepare`` forms A, inverts
-it (``invert_tile``) and applies T in the same program, two more dots: it writes u0 [C, dv] and w [C, dk] (in q's
-dtype when ``delta_ops`` calls it) instead of T, so T's round trip through memory and the two XLA matmuls go. Its
+it (``invert_tile``) and applies T in the same program, two more dots: it writes u0 [C, dv], w [C, dk] and the
+decayed keys k_out [C, dk] (in q's dtype when ``delta_ops`` calls it) instead of T, so T's round trip through
+memory and the two XLA matmuls go. It reads k and v in the caller's [batch, seq, heads, dim] layout and dtype and
+writes its outputs in that layout (the state and output kernels' layout): no transposes or float32 copies in XLA. Its
 backward is a Pallas kernel in the GPU build (``delta_wy_backward_gpu``, ``DeltaConfig.wy_backward_kernel``) or
 plain JAX (``fused_prepare``'s docstring); T is then written as the backward's residual.
 
@@ -61,7 +63,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels_pallas.linear_recurrent import delta_chunk
-from kernels_pallas.linear_recurrent.chunk_math import exp
+from kernels_pallas.linear_recurrent.chunk_math import acc_dtype, exp
+from kernels_pallas.linear_recurrent.gpu_forward import seq_spec
 
 BLOCK = 16  # rows of the diagonal blocks inverted by substitution (Triton's smallest dot tile)
 
@@ -197,58 +200,72 @@ inverse.defvjp(_inverse_fwd, _inverse_bwd)
 
 @dataclasses.dataclass(frozen=True)
 class FusedSettings(Settings):
-    """``Settings`` plus out_dtype: the dtype name of u0 and w (None: k's). ``delta_ops`` passes q's dtype, what it
-    casts them to right after, so the kernel writes 16-bit values for bf16/f16 inputs (half the bytes).
-    kernel_backward: the custom VJP's backward as a Pallas kernel (``delta_wy_backward_gpu``; ``delta_ops`` asks
-    for it by default), else plain JAX."""
+    """``Settings`` plus out_dtype: the dtype name of u0, w and k_out (None: k's). ``delta_ops`` passes q's dtype,
+    what the state and output kernels take. kernel_backward: the custom VJP's backward as a Pallas kernel
+    (``delta_wy_backward_gpu``; ``delta_ops`` asks for it by default), else plain JAX."""
 
     out_dtype: str | None = None
     kernel_backward: bool = False
 
 
-def _fused_kernel(k_ref, v_ref, beta_ref, cum_ref, u0_ref, w_ref, *t_ref, settings):
-    k, beta, cum = k_ref[...], beta_ref[...], cum_ref[...]
-    dot = _make_dot(settings.kernel_precision(k.dtype), k.dtype)
+def _fused_kernel(k_ref, v_ref, beta_ref, cum_ref, u0_ref, w_ref, kout_ref, *t_ref, settings):
+    acc = acc_dtype(k_ref.dtype)  # the WY algebra runs in float32 whatever the inputs' dtype
+    k, beta, cum = k_ref[...].astype(acc), beta_ref[...], cum_ref[...]
+    dot = _make_dot(settings.kernel_precision(acc), acc)
     t = invert_tile(delta_chunk.wy_matrix(dot(k, k, trans_b=True), beta, cum), dot)
-    u0_ref[...] = dot(t, beta[:, None] * v_ref[...]).astype(u0_ref.dtype)
+    u0_ref[...] = dot(t, beta[:, None] * v_ref[...].astype(acc)).astype(u0_ref.dtype)
     w_ref[...] = dot(t, (beta * exp(cum))[:, None] * k).astype(w_ref.dtype)  # cum <= 0: exp(cum) <= 1
+    kout_ref[...] = (k * exp(chunk_last(cum) - cum)[:, None]).astype(kout_ref.dtype)
     if t_ref:  # only under differentiation: T is the backward's residual
         t_ref[0][...] = t.astype(t_ref[0].dtype)
 
 
+def chunk_last(cum):
+    """A chunk's total log gate, its last inclusive cumulative value, as a scalar (Triton cannot index a tile)."""
+    return jnp.sum(jnp.where(jnp.arange(cum.shape[0]) == cum.shape[0] - 1, cum, 0.0))
+
+
+def fused_specs(chunk, dk, dv):
+    """Block specs on the grid (batch, head, chunk): [C, dk] and [C, dv] tiles of [b, s, h, d] arrays, one chunk's
+    [C] of [b, h, n, C] and [C, C] of [b, h, n, C, C]."""
+    return (seq_spec(chunk, dk, True, lambda bi, hi, n: (bi, hi, n, 0)),
+            seq_spec(chunk, dv, True, lambda bi, hi, n: (bi, hi, n, 0)),
+            pl.BlockSpec((None, None, None, chunk), lambda bi, hi, n: (bi, hi, n, 0)),
+            pl.BlockSpec((None, None, None, chunk, chunk), lambda bi, hi, n: (bi, hi, n, 0, 0)))
+
+
 def _fused_call(k, v, beta, cum, settings, with_t):
-    """The Pallas call: one program per chunk; (u0, w) or (u0, w, T)."""
-    lead, (chunk, dk), dv = k.shape[:-2], k.shape[-2:], v.shape[-1]
-    n = math.prod(lead)
+    """The Pallas call: one program per chunk; (u0, w, k_out) or (u0, w, k_out, T)."""
+    (b, s, h, dk), dv = k.shape, v.shape[-1]
+    chunk = beta.shape[-1]
     out_dtype = k.dtype if settings.out_dtype is None else jnp.dtype(settings.out_dtype)
-    out_specs = [pl.BlockSpec((None, chunk, dv), lambda i: (i, 0, 0)),
-                 pl.BlockSpec((None, chunk, dk), lambda i: (i, 0, 0))]
-    out_shape = [jax.ShapeDtypeStruct((n, chunk, dv), out_dtype), jax.ShapeDtypeStruct((n, chunk, dk), out_dtype)]
+    tile_k, tile_v, gates, square = fused_specs(chunk, dk, dv)
+    out_specs = [tile_v, tile_k, tile_k]
+    out_shape = [jax.ShapeDtypeStruct(v.shape, out_dtype)] + [jax.ShapeDtypeStruct(k.shape, out_dtype)] * 2
     if with_t:
-        out_specs.append(pl.BlockSpec((None, chunk, chunk), lambda i: (i, 0, 0)))
-        out_shape.append(jax.ShapeDtypeStruct((n, chunk, chunk), k.dtype))
-    outs = pl.pallas_call(
+        out_specs.append(square)
+        out_shape.append(jax.ShapeDtypeStruct(beta.shape + (chunk,), beta.dtype))
+    return pl.pallas_call(
         functools.partial(_fused_kernel, settings=settings),
-        grid=(n,),
-        in_specs=[pl.BlockSpec((None, chunk, dk), lambda i: (i, 0, 0)),
-                  pl.BlockSpec((None, chunk, dv), lambda i: (i, 0, 0)),
-                  pl.BlockSpec((None, chunk), lambda i: (i, 0)),
-                  pl.BlockSpec((None, chunk), lambda i: (i, 0))],
+        grid=(b, h, s // chunk),
+        in_specs=[tile_k, tile_v, gates, gates],
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=settings.num_warps, num_stages=settings.num_stages),
         interpret=settings.interpret,
         name="delta_wy_fused",
-    )(k.reshape(n, chunk, dk), v.reshape(n, chunk, dv), beta.reshape(n, chunk), cum.reshape(n, chunk))
-    return tuple(x.reshape(lead + x.shape[1:]) for x in outs)
+    )(k, v, beta, cum)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def fused_prepare(k, v, beta, cum, settings: FusedSettings):
-    """(u0, w) = (T diag(beta) V, T diag(beta exp(c)) K) per chunk, T = (I + A)^-1 formed, inverted and applied in
-    registers (T never goes through memory in the forward alone): k [..., C, dk], v [..., C, dv], beta and cum
-    [..., C] (float32; float64 in interpret mode) -> u0 [..., C, dv], w [..., C, dk] in ``settings.out_dtype``.
-    C, dk and dv powers of two >= 16 (Triton's dot tiles).
+    """``delta_chunk.wy_prepare``'s (u0, w, k_out) in one kernel, in the caller's layout: u0 = T diag(beta) V,
+    w = T diag(beta exp(c)) K, k_out = K * exp(L - c) per chunk, T = (I + A)^-1 formed, inverted and applied in
+    registers (T never goes through memory in the forward alone).
+
+    k [b, s, h, dk], v [b, s, h, dv] (any float dtype: the kernel computes in its accumulation dtype, float32 for
+    16-bit inputs), beta and cum [b, h, n, C] in that accumulation dtype (heads-first chunks; n C = s) -> u0 like
+    v, w and k_out like k, in ``settings.out_dtype``. C, dk and dv powers of two >= 16 (Triton's dot tiles).
 
     Backward (custom VJP; a Pallas kernel with ``settings.kernel_backward``, else plain JAX, matmuls only, as
     follows): with x_v = diag(beta) V, x_k = diag(beta exp(c)) K,
@@ -257,17 +274,17 @@ def fused_prepare(k, v, beta, cum, settings: FusedSettings):
       T_bar = u0_bar x_v^T + w_bar x_k^T,   [x_v_bar | x_k_bar] = T^T [u0_bar | w_bar],
       A_bar = -strict_lower(T^T T_bar T^T)  (``inverse_cotangent``),
 
-    then the VJP of (A, x_v, x_k)'s formulas (``delta_chunk.wy_matrix``, recomputed in XLA) takes them to k, v, beta
-    and cum. T is stored by the forward under differentiation (one [C, C] write per chunk) rather than recomputed
-    in the backward: recomputing would re-read k and redo the Gram dot and the inversion's C/16 + 1 dots per chunk,
-    for a write a quarter of u0's and w's at C = 64, dk = dv = 128.
+    then the VJP of (A, x_v, x_k, k_out)'s formulas (``delta_chunk.wy_matrix``, recomputed in XLA) takes them and
+    k_out_bar to k, v, beta and cum. T is stored by the forward under differentiation (one [C, C] write per chunk)
+    rather than recomputed in the backward: recomputing would re-read k and redo the Gram dot and the inversion's
+    C/16 + 1 dots per chunk, for a write a quarter of u0's and w's at C = 64, dk = dv = 128.
     """
-    return _fused_call(k, v, beta, cum, settings, with_t=False)
+    return tuple(_fused_call(k, v, beta, cum, settings, with_t=False))
 
 
 def _fused_fwd(k, v, beta, cum, settings):
-    u0, w, t = _fused_call(k, v, beta, cum, settings, with_t=True)
-    return (u0, w), (k, v, beta, cum, t)
+    u0, w, k_out, t = _fused_call(k, v, beta, cum, settings, with_t=True)
+    return (u0, w, k_out), (k, v, beta, cum, t)
 
 
 def _fused_bwd(settings, residuals, cotangents):
@@ -276,18 +293,21 @@ def _fused_bwd(settings, residuals, cotangents):
 
         return delta_wy_backward_gpu.wy_backward(*residuals, *cotangents, settings)
     k, v, beta, cum, t = residuals
-    u0_bar, w_bar = (x.astype(t.dtype) for x in cotangents)
+    chunk = beta.shape[-1]
+    u0_bar, w_bar, k_out_bar = (delta_chunk.to_chunks(x, chunk).astype(t.dtype) for x in cotangents)
     precision = settings.xla_precision
 
-    def build(k, v, beta, cum):  # (A, x_v, x_k) as the kernel forms them
+    def build(k, v, beta, cum):  # (A, x_v, x_k, k_out) as the kernel forms them, in heads-first chunks
+        k, v = (delta_chunk.to_chunks(x, chunk).astype(t.dtype) for x in (k, v))
         gram = jnp.einsum("...td,...sd->...ts", k, k, precision=precision)
-        return delta_chunk.wy_matrix(gram, beta, cum), beta[..., None] * v, (beta * exp(cum))[..., None] * k
+        return (delta_chunk.wy_matrix(gram, beta, cum), beta[..., None] * v, (beta * exp(cum))[..., None] * k,
+                k * exp(cum[..., -1:] - cum)[..., None])
 
-    (_, x_v, x_k), vjp = jax.vjp(build, k, v, beta, cum)
+    (_, x_v, x_k, _), vjp = jax.vjp(build, k, v, beta, cum)
     t_bar = (jnp.einsum("...td,...sd->...ts", u0_bar, x_v, precision=precision)
              + jnp.einsum("...td,...sd->...ts", w_bar, x_k, precision=precision))
     x_v_bar, x_k_bar = (jnp.einsum("...st,...sd->...td", t, x, precision=precision) for x in (u0_bar, w_bar))
-    return vjp((inverse_cotangent(t, t_bar, precision), x_v_bar, x_k_bar))
+    return vjp((inverse_cotangent(t, t_bar, precision), x_v_bar, x_k_bar, k_out_bar))
 
 
 fused_prepare.defvjp(_fused_fwd, _fused_bwd)

@@ -38,6 +38,10 @@ class DeltaConfig:
         dv); the rows (dk) are never split, since the correction ``w S`` contracts them. Smaller blocks give more
         programs. The output's gradient kernel takes whole heads.
       num_warps, num_stages: Triton launch settings (ignored on TPU and in interpret mode).
+      parallel_warps: Triton warps of the chunk-parallel kernels that hold several [C, C] and [C, d] float32 tiles
+        at once (the WY kernels, forward and backward, and the output step's gradients); None = num_warps. More
+        warps give each thread fewer of the tiles' registers (ptxas, sm_90a, C 64, D 128: the WY backward spills
+        572 B at 8 warps against 1808 at 4, the output gradients 128 against 1512).
       explicit_inverse: the WY preparation's T = (I + A)^-1 from the Pallas kernel ``delta_inverse_gpu`` (Triton
         only) and two matmuls (True), or XLA's batched triangular solve (False); None = by backend (Triton: True).
       fused_wy: the whole WY preparation (A, T and T applied: u0, w) in one Pallas kernel,
@@ -59,6 +63,7 @@ class DeltaConfig:
     explicit_inverse: bool | None = None
     fused_wy: bool | None = None
     wy_backward_kernel: bool | None = None
+    parallel_warps: int | None = None
 
     def validate(self, min_tile: int) -> None:
         """Raises ValueError unless chunk_size and block_v are powers of two >= ``min_tile`` (block_v may be None)."""
@@ -68,8 +73,10 @@ class DeltaConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < min_tile or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two >= {min_tile}, got {value!r}")
-        for name in ("num_warps", "num_stages"):
+        for name in ("num_warps", "num_stages", "parallel_warps"):
             value = getattr(self, name)
+            if value is None and name == "parallel_warps":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.explicit_inverse is not None and not isinstance(self.explicit_inverse, bool):
@@ -82,12 +89,17 @@ class DeltaConfig:
             raise ValueError("fused_wy=True applies the explicit inverse in the kernel: explicit_inverse must be "
                              "True or None, got False")
 
+    def warps(self, parallel: bool) -> int:
+        """Triton warps of the sequential passes (parallel=False) or of the chunk-parallel kernels (True)."""
+        return self.parallel_warps if parallel and self.parallel_warps is not None else self.num_warps
+
 
 # GPU (Triton): 64-step chunks, state blocks [dk, 64] in registers (fla's chunk_gated_delta_rule layout). H200, B4
 # S8192 H16 D128 bf16 gated (benchmarks/results/check_delta_kernel_passes_h200.txt), ms forward / forward+backward:
 # this (3 stages) 2.59 / 7.65; 2 stages 2.64 / 8.02; 8 warps 3.49 / 8.99; block_v 128 2.71 / 9.03; block_v 32
 # 2.83 / 8.07.
-GPU_DEFAULT = DeltaConfig(chunk_size=64, block_v=64, num_warps=4, num_stages=3)
+# Chunk-parallel kernels at 8 warps (parallel_warps): fewer spills (see DeltaConfig).
+GPU_DEFAULT = DeltaConfig(chunk_size=64, block_v=64, num_warps=4, num_stages=3, parallel_warps=8)
 # TPU: chunk rows are sublanes; the state block takes all of dv (lanes).
 TPU_DEFAULT = DeltaConfig(chunk_size=128, block_v=None)
 # CPU interpret mode (tests): small chunks so that short inputs take several (16: the GPU build's smallest tile).
@@ -158,8 +170,8 @@ _output.defvjp(_output_fwd, _output_bwd)
 def _gpu_settings(settings_type, config, interpret, dtype, **extra):
     """The GPU WY kernels' settings (``delta_inverse_gpu.Settings`` or ``FusedSettings``): 1-pass TF32 dots for
     bf16/f16 inputs, whose w and u0 are rounded to 16 bits right after (TF32 keeps 11); 3-pass for float32."""
-    return settings_type(interpret=bool(interpret), tf32=jnp.dtype(dtype).itemsize < 4, num_warps=config.num_warps,
-                         num_stages=config.num_stages, **extra)
+    return settings_type(interpret=bool(interpret), tf32=jnp.dtype(dtype).itemsize < 4,
+                         num_warps=config.warps(parallel=True), num_stages=config.num_stages, **extra)
 
 
 def wy_inverse(config, backend, interpret, dtype):
@@ -182,10 +194,11 @@ def wy_inverse(config, backend, interpret, dtype):
 
 
 def wy_options(config, backend, interpret, dtype):
-    """Keyword arguments of ``delta_chunk.wy_prepare`` for ``config``: ``fused`` (the fused GPU kernel, u0 and w
-    written in ``dtype``, what the kernels take right after) when ``config.fused_wy`` (None: on Triton unless
-    ``explicit_inverse`` is False; its backward a kernel too unless ``config.wy_backward_kernel`` is False), else
-    ``inverse`` and ``precision`` from ``wy_inverse``."""
+    """How to run the WY preparation for ``config``: ``dict(fused=f)`` with f(k, v, beta, cum) -> (u0, w, k_out)
+    the fused GPU kernel (``delta_inverse_gpu.fused_prepare``, in the caller's layout, outputs in ``dtype``, what
+    the kernels take right after) when ``config.fused_wy`` (None: on Triton unless ``explicit_inverse`` is False;
+    its backward a kernel too unless ``config.wy_backward_kernel`` is False), else ``inverse`` and ``precision``
+    for ``delta_chunk.wy_prepare`` from ``wy_inverse``."""
     fused = config.fused_wy
     if fused is None:
         fused = backend == "triton" and config.explicit_inverse is not False
@@ -206,15 +219,6 @@ def wy_options(config, backend, interpret, dtype):
         return delta_inverse_gpu.fused_prepare(k, v, beta, cum, settings)
 
     return dict(fused=fused)
-
-
-def _to_chunks(x, s_pad, d_pad, chunk, dtype):
-    """[b, s, h, d] -> zero-padded heads-first chunks [b, h, n, chunk, d_pad] in ``dtype``; [b, s, h] ->
-    [b, h, n, chunk]."""
-    x = x.astype(dtype)
-    widths = [(0, 0), (0, s_pad - x.shape[1]), (0, 0)] + ([(0, d_pad - x.shape[3])] if x.ndim == 4 else [])
-    x = jnp.swapaxes(jnp.pad(x, widths), 1, 2)
-    return x.reshape(x.shape[:2] + (s_pad // chunk, chunk) + x.shape[3:])
 
 
 def chunked_delta_recurrence(
@@ -272,22 +276,37 @@ def chunked_delta_recurrence(
     s_pad = _entry.padded_length(s, chunk)
     acc = c.compute_dtype(q.dtype)
 
-    qc, kc = (_to_chunks(x, s_pad, dk_pad, chunk, acc) for x in (q, k))  # [b, h, n, C, dk]
-    vc = _to_chunks(v, s_pad, dv_pad, chunk, acc)
-    beta_c = _to_chunks(beta, s_pad, None, chunk, acc)  # [b, h, n, C]
-    gate = jnp.zeros((b, s, h), acc) if log_gate is None else log_gate
-    cum = jnp.cumsum(_to_chunks(gate, s_pad, None, chunk, acc), axis=-1)  # inclusive, inside each chunk
-    u0, w, k_out = delta_chunk.wy_prepare(kc, vc, beta_c, cum, **wy_options(config, backend, interpret, q.dtype))
+    # The GPU kernels read the caller's [b, s, h, d] layout; the TPU kernels' tiles want [b, h, s, d] (a block's
+    # last two dims must be whole (8, 128) tiles, which one head's row is not).
+    heads_first = backend == "mosaic_tpu"
 
-    def flat(x):  # [b, h, n, C, d] -> [b, h, s_pad, d] in the kernels' operand dtype
-        return x.reshape(b, h, s_pad, x.shape[-1]).astype(q.dtype)
+    def pad(x, d_pad=None):  # padded steps: k = v = beta = 0, gate 0 (identity steps)
+        widths = [(0, 0), (0, s_pad - s), (0, 0)] + ([(0, d_pad - x.shape[3])] if x.ndim == 4 else [])
+        return jnp.pad(x, widths)
+
+    def layout(x):  # [b, s_pad, h, d] -> the kernels' layout
+        return jnp.swapaxes(x, 1, 2) if heads_first else x
+
+    qp, kp = pad(q, dk_pad), pad(k, dk_pad)
+    vp = pad(v, dv_pad)
+    beta_c = delta_chunk.to_chunks(pad(beta.astype(acc)), chunk)  # [b, h, n, C]
+    gate = jnp.zeros((b, s, h), acc) if log_gate is None else log_gate.astype(acc)
+    cum = jnp.cumsum(delta_chunk.to_chunks(pad(gate), chunk), axis=-1)  # inclusive, inside each chunk
+    options = wy_options(config, backend, interpret, q.dtype)
+    if "fused" in options:  # the GPU default: one kernel, in the caller's layout, u0, w, k_out in q's dtype
+        u0, w, k_out = options["fused"](kp, vp, beta_c, cum)
+    else:  # XLA on heads-first float32 chunks
+        kc, vc = (delta_chunk.to_chunks(x.astype(acc), chunk) for x in (kp, vp))
+        prepared = delta_chunk.wy_prepare(kc, vc, beta_c, cum, **options)
+        u0, w, k_out = (layout(delta_chunk.from_chunks(x).astype(q.dtype)) for x in prepared)
 
     h0 = _entry.initial_state(initial_state, (b, h, dk, dv), dk_pad, dv_pad, acc)
     st = _entry.Static(config, backend, interpret)
     cum = cum.reshape(b, h, s_pad)
-    all_states, u, final = _state_pass(flat(w), flat(u0), flat(k_out), cum, h0, st)
-    out = _output(flat(qc), flat(kc), u, cum, all_states, st)  # [b, h, s_pad, dv_pad] in q's dtype
-    return jnp.swapaxes(out, 1, 2)[:, :s, :, :dv], final[:, :, :dk, :dv]
+    all_states, u, final = _state_pass(w, u0, k_out, cum, h0, st)
+    out = _output(layout(qp), layout(kp), u, cum, all_states, st)  # the kernels' layout, q's dtype
+    out = jnp.swapaxes(out, 1, 2) if heads_first else out
+    return out[:, :s, :, :dv], final[:, :, :dk, :dv]
 
 
 def mechanism_recurrence(q, k, v, beta, log_gate, *, initial_state, segment_ids, chunk_size):

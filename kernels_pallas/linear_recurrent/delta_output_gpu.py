@@ -4,20 +4,22 @@ Forward: O = ((Q K^T) * D) U + (Q * exp(c)) S per chunk is the scalar-gate outpu
 place of V, so ``output`` is ``gpu_forward.output``. Backward: one program per (batch, head, chunk) takes the
 chunk's state S and gives dq, dk, dU, the cumulative log gates' gradient and dS (``delta_math.output_gradients``);
 whole heads per program (dq, dk and the gate gradient contract over dv, dU over dk).
-Inputs are heads-first [batch, heads, seq, dim], padded by ``delta_ops``.
+Inputs are in the caller's [batch, seq, heads, dim] layout, cum heads-first [batch, heads, seq], padded by
+``delta_ops``.
 """
 
 from __future__ import annotations
 
 import jax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from kernels_pallas.linear_recurrent import delta_math, gpu_forward
-from kernels_pallas.linear_recurrent.gpu_forward import acc_dtype, chunk_specs, chunk_tiles, compiler_params, make_dot
+from kernels_pallas.linear_recurrent.gpu_forward import acc_dtype, chunk_specs, chunk_tiles, make_dot
 
 
 def output(q, k, u, cum, all_states, *, config, interpret):
-    """q/k [b, h, s, dk], u [b, h, s, dv], cum [b, h, s], all_states [b, h, n, dk, dv] -> out like u in q's dtype."""
+    """q/k [b, s, h, dk], u [b, s, h, dv], cum [b, h, s], all_states [b, h, n, dk, dv] -> out like u in q's dtype."""
     return gpu_forward.output(q, k, u, cum, all_states, config=config, interpret=interpret)
 
 
@@ -35,7 +37,7 @@ def _gradient_kernel(q_ref, k_ref, u_ref, dout_ref, cum_ref, state_ref, *grad_re
 def output_gradients(q, k, u, dout, cum, all_states, *, config, interpret):
     """-> (dq like q, dk like k, du like u, d all_states like all_states, each in its input's dtype (what the
     caller casts them to: one rounding either way, half the bytes written), and dcum like cum)."""
-    b, h, s, dk = q.shape
+    b, s, h, dk = q.shape
     dv = u.shape[-1]
     chunk = config.chunk_size
     qk_spec, v_spec, cum_spec, state_spec = chunk_specs(chunk, dk, dv)
@@ -48,7 +50,7 @@ def output_gradients(q, k, u, dout, cum, all_states, *, config, interpret):
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                    jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct(cum.shape, acc),
                    jax.ShapeDtypeStruct(all_states.shape, all_states.dtype)],
-        compiler_params=compiler_params(config),
+        compiler_params=plgpu.CompilerParams(num_warps=config.warps(parallel=True), num_stages=config.num_stages),
         interpret=interpret,
         name="delta_output_gradients",
     )(q, k, u, dout, cum, all_states)

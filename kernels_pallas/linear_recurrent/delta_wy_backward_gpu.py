@@ -5,25 +5,27 @@ pass over memory: H200, B4 S8192 H16 D128 bf16, the preparation's forward+backwa
 (``benchmarks/results/check_delta_kernel_wy_backward_h200.txt``).
 
 Per chunk, from k [C, dk], v [C, dv], beta, c [C], the forward's residual T = (I + A)^-1 [C, C] and the cotangents
-u0_bar [C, dv], w_bar [C, dk] (forward: x_v = diag(beta) V, x_k = diag(beta exp(c)) K, u0 = T x_v, w = T x_k,
-A_ts = beta_t D_ts G_ts with G = K K^T and D_ts = exp(c_t - c_s) for s < t, else 0):
+u0_bar [C, dv], w_bar and k_out_bar [C, dk] (forward: x_v = diag(beta) V, x_k = diag(beta exp(c)) K, u0 = T x_v,
+w = T x_k, k_out = diag(e) K with e_t = exp(L - c_t), L = c_C; A_ts = beta_t D_ts G_ts with G = K K^T and
+D_ts = exp(c_t - c_s) for s < t, else 0):
 
   T_bar = u0_bar x_v^T + w_bar x_k^T,   x_v_bar = T^T u0_bar,   x_k_bar = T^T w_bar,
   A_bar = -strict_lower(T^T T_bar T^T)                               (dT = -T dA T)
   G_bar = beta_t D_ts A_bar_ts,   E = G_bar * G = A_bar * A          (both zero unless s < t)
-  k_bar = (G_bar + G_bar^T) K + diag(beta exp(c)) x_k_bar,   v_bar = diag(beta) x_v_bar
+  k_bar = (G_bar + G_bar^T) K + diag(beta exp(c)) x_k_bar + diag(e) k_out_bar,   v_bar = diag(beta) x_v_bar
   beta_bar_t = sum_s D_ts A_bar_ts G_ts + x_v_bar_t . v_t + exp(c_t) (x_k_bar_t . k_t)
-  c_bar_t = sum_s E_ts - sum_s E_st + beta_t exp(c_t) (x_k_bar_t . k_t)
+  c_bar_t = sum_s E_ts - sum_s E_st + beta_t exp(c_t) (x_k_bar_t . k_t) - f_t + [t = C] sum_s f_s
+  with f_t = e_t (k_out_bar_t . k_t)
 
 (A_ts depends on c_t through exp(c_t - c_s) (+A_ts) and on c_s (-A_ts); x_k_t through exp(c_t).) D is masked
 before the exp (``delta_chunk.decay_matrix``): every exponent is <= 0. Cost per chunk: 8 whole-tile dots (two
-[C, C] x [C, C], the Gram matrix and five against [C, dk] / [C, dv]).
+[C, C] x [C, C], the Gram matrix and five against [C, dk] / [C, dv]). k, v, the cotangents and k_bar, v_bar are in
+the caller's [batch, seq, heads, dim] layout and dtype (``fused_prepare``'s), converted to float32 in registers.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -31,14 +33,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels_pallas.linear_recurrent import delta_chunk
-from kernels_pallas.linear_recurrent.chunk_math import exp
-from kernels_pallas.linear_recurrent.delta_inverse_gpu import _make_dot
+from kernels_pallas.linear_recurrent.chunk_math import acc_dtype, exp
+from kernels_pallas.linear_recurrent.delta_inverse_gpu import _make_dot, chunk_last, fused_specs
 
 
-def _backward_kernel(k_ref, v_ref, beta_ref, cum_ref, t_ref, u0_bar_ref, w_bar_ref,
+def _backward_kernel(k_ref, v_ref, beta_ref, cum_ref, t_ref, u0_bar_ref, w_bar_ref, k_out_bar_ref,
                      k_bar_ref, v_bar_ref, beta_bar_ref, cum_bar_ref, *, settings):
-    k, v, beta, cum, t = k_ref[...], v_ref[...], beta_ref[...], cum_ref[...], t_ref[...]
-    acc = k.dtype  # float32 (float64 in interpret mode); the cotangents may come in 16 bits
+    acc = acc_dtype(k_ref.dtype)  # float32 (float64 in interpret mode); inputs and cotangents may be 16-bit
+    k, v, beta, cum, t = k_ref[...].astype(acc), v_ref[...].astype(acc), beta_ref[...], cum_ref[...], t_ref[...]
     dot = _make_dot(settings.kernel_precision(acc), acc)
     u0_bar, w_bar = u0_bar_ref[...].astype(acc), w_bar_ref[...].astype(acc)
     k_scale = beta * exp(cum)  # cum <= 0: exp(cum) <= 1
@@ -54,37 +56,36 @@ def _backward_kernel(k_ref, v_ref, beta_ref, cum_ref, t_ref, u0_bar_ref, w_bar_r
     g_bar = beta[:, None] * decayed_a_bar
     a_times_a_bar = g_bar * gram  # A * A_bar: A_ts's part of c_bar_t (+) and of c_bar_s (-)
     k_dot_x_k_bar = jnp.sum(k * x_k_bar, axis=1)
+    decay_out = exp(chunk_last(cum) - cum)  # e_t
+    k_out_bar = decay_out[:, None] * k_out_bar_ref[...].astype(acc)
+    f = jnp.sum(k * k_out_bar, axis=1)
 
-    k_bar_ref[...] = (dot(g_bar + g_bar.T, k) + k_scale[:, None] * x_k_bar).astype(k_bar_ref.dtype)
+    k_bar = dot(g_bar + g_bar.T, k) + k_scale[:, None] * x_k_bar + k_out_bar
+    k_bar_ref[...] = k_bar.astype(k_bar_ref.dtype)
     v_bar_ref[...] = (beta[:, None] * x_v_bar).astype(v_bar_ref.dtype)
     beta_bar = (jnp.sum(decayed_a_bar * gram, axis=1) + jnp.sum(v * x_v_bar, axis=1)
                 + exp(cum) * k_dot_x_k_bar)
     beta_bar_ref[...] = beta_bar.astype(beta_bar_ref.dtype)
-    cum_bar = jnp.sum(a_times_a_bar, axis=1) - jnp.sum(a_times_a_bar, axis=0) + k_scale * k_dot_x_k_bar
+    cum_bar = (jnp.sum(a_times_a_bar, axis=1) - jnp.sum(a_times_a_bar, axis=0) + k_scale * k_dot_x_k_bar - f
+               + jnp.where(steps == t.shape[0] - 1, jnp.sum(f), 0.0))
     cum_bar_ref[...] = cum_bar.astype(cum_bar_ref.dtype)
 
 
-def wy_backward(k, v, beta, cum, t, u0_bar, w_bar, settings):
+def wy_backward(k, v, beta, cum, t, u0_bar, w_bar, k_out_bar, settings):
     """(k_bar, v_bar, beta_bar, cum_bar) of ``fused_prepare`` (module docstring), in k's, v's, beta's and cum's
-    dtypes: k [..., C, dk], v [..., C, dv], beta and cum [..., C], T [..., C, C] (k's dtype), u0_bar like v and
-    w_bar like k (any float dtype). ``settings``: ``delta_inverse_gpu.Settings`` (precision, launch, interpret)."""
-    lead, (chunk, dk), dv = k.shape[:-2], k.shape[-2:], v.shape[-1]
-    n = math.prod(lead)
-
-    def rows(width):  # one chunk's [C, width] tile
-        return pl.BlockSpec((None, chunk, width), lambda i: (i, 0, 0))
-
-    vector = pl.BlockSpec((None, chunk), lambda i: (i, 0))  # one chunk's [C]
-    outs = pl.pallas_call(
+    dtypes and layouts: k [b, s, h, dk], v [b, s, h, dv], beta and cum [b, h, n, C], T [b, h, n, C, C] (beta's
+    dtype), u0_bar like v, w_bar and k_out_bar like k (any float dtype). ``settings``:
+    ``delta_inverse_gpu.Settings`` (precision, launch, interpret)."""
+    b, s, h, dk = k.shape
+    chunk = beta.shape[-1]
+    tile_k, tile_v, gates, square = fused_specs(chunk, dk, v.shape[-1])
+    return pl.pallas_call(
         functools.partial(_backward_kernel, settings=settings),
-        grid=(n,),
-        in_specs=[rows(dk), rows(dv), vector, vector, rows(chunk), rows(dv), rows(dk)],
-        out_specs=[rows(dk), rows(dv), vector, vector],
-        out_shape=[jax.ShapeDtypeStruct((n, chunk, dk), k.dtype), jax.ShapeDtypeStruct((n, chunk, dv), v.dtype),
-                   jax.ShapeDtypeStruct((n, chunk), beta.dtype), jax.ShapeDtypeStruct((n, chunk), cum.dtype)],
+        grid=(b, h, s // chunk),
+        in_specs=[tile_k, tile_v, gates, gates, square, tile_v, tile_k, tile_k],
+        out_specs=[tile_k, tile_v, gates, gates],
+        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (k, v, beta, cum)],
         compiler_params=plgpu.CompilerParams(num_warps=settings.num_warps, num_stages=settings.num_stages),
         interpret=settings.interpret,
         name="delta_wy_backward",
-    )(k.reshape(n, chunk, dk), v.reshape(n, chunk, dv), beta.reshape(n, chunk), cum.reshape(n, chunk),
-      t.reshape(n, chunk, chunk), u0_bar.reshape(n, chunk, dv), w_bar.reshape(n, chunk, dk))
-    return tuple(x.reshape(lead + x.shape[1:]) for x in outs)
+    )(k, v, beta, cum, t, u0_bar, w_bar, k_out_bar)

@@ -32,8 +32,9 @@ def _gradient_kernel(q_ref, k_ref, v_ref, dout_ref, cum_ref, state_ref, dstate_r
 
 def gradients(q, k, v, dout, cum, states, dstates, *, config, interpret):
     """states: entering each chunk, dstates: gradient of the state leaving each chunk ([b, h, n, dk, dv]) ->
-    (dq, dk [b, h, s, dk], dv [b, h, s, dv] in q's dtype, dcum [b, h, s] in the accumulation dtype)."""
-    b, h, s, dk = q.shape
+    (dq, dk [b, s, h, dk], dv [b, s, h, dv] in q's dtype, dcum [b, h, s] in the accumulation dtype); q, k, v,
+    dout [b, s, h, d], cum [b, h, s]."""
+    b, s, h, dk = q.shape
     dv = v.shape[-1]
     chunk = config.chunk_size
     qk_spec, v_spec, cum_spec, state_spec = chunk_specs(chunk, dk, dv)

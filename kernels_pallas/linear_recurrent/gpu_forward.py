@@ -4,8 +4,9 @@
 the read of the state entering the chunk, which ``gpu_states.states`` stored. ``fused``: the older single
 sequential kernel, one program per (batch, head, dv block) walking the chunks with the state in registers; it
 needs no state round trip through memory but has few programs (``ChunkConfig.fused_forward`` picks it).
-Inputs arrive heads-first and padded by ``ops``: sequence to a chunk multiple, head dims to powers of two >= 16
-(Triton's dot needs them).
+Inputs arrive in the caller's [batch, seq, heads, dim] layout (the BlockSpecs pick one head's rows: no transposes
+in XLA; Triton's loads take the heads' stride), padded by ``ops``: sequence to a chunk multiple, head dims to
+powers of two >= 16 (Triton's dot needs them). The cumulative log gates are heads-first [batch, heads, seq].
 """
 
 from __future__ import annotations
@@ -43,11 +44,24 @@ def compiler_params(config):
     return plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
 
 
+def seq_spec(rows, width, seq_major, index):
+    """BlockSpec of a [rows, width] tile of a [b, s, h, d] (seq_major) or [b, h, s, d] array; ``index`` maps the
+    grid ids to (batch, head, row block, column block)."""
+    if not seq_major:
+        return pl.BlockSpec((None, None, rows, width), index)
+
+    def seq_index(*ids):
+        b, h, r, c = index(*ids)
+        return b, r, h, c
+
+    return pl.BlockSpec((None, rows, None, width), seq_index)
+
+
 def chunk_specs(chunk, dk, dv):
-    """Block specs of one chunk of whole heads on the grid (batch, head, chunk): (q/k [C, dk], v [C, dv],
-    cum [C], state [dk, dv])."""
-    return (pl.BlockSpec((None, None, chunk, dk), lambda bi, hi, n: (bi, hi, n, 0)),
-            pl.BlockSpec((None, None, chunk, dv), lambda bi, hi, n: (bi, hi, n, 0)),
+    """Block specs of one chunk of whole heads on the grid (batch, head, chunk): (q/k [C, dk], v [C, dv] of
+    [b, s, h, d] arrays, cum [C] of [b, h, s], state [dk, dv])."""
+    return (seq_spec(chunk, dk, True, lambda bi, hi, n: (bi, hi, n, 0)),
+            seq_spec(chunk, dv, True, lambda bi, hi, n: (bi, hi, n, 0)),
             pl.BlockSpec((None, None, chunk), lambda bi, hi, n: (bi, hi, n)),
             pl.BlockSpec((None, None, None, dk, dv), lambda bi, hi, n: (bi, hi, n, 0, 0)))
 
@@ -61,13 +75,13 @@ def _output_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, out_ref):
 
 
 def output(q, k, v, cum, states, *, config, interpret):
-    """q/k [b, h, s, dk], v [b, h, s, dv], cum [b, h, s], states [b, h, n_chunks, dk, dv] (entering each chunk)
-    -> out [b, h, s, dv] in q's dtype."""
-    b, h, s, dk = q.shape
+    """q/k [b, s, h, dk], v [b, s, h, dv], cum [b, h, s], states [b, h, n_chunks, dk, dv] (entering each chunk)
+    -> out [b, s, h, dv] in q's dtype."""
+    b, s, h, dk = q.shape
     dv = v.shape[-1]
     chunk, block_v = config.chunk_size, config.block_v
-    qk_spec = pl.BlockSpec((None, None, chunk, dk), lambda bi, hi, n, vi: (bi, hi, n, 0))
-    v_spec = pl.BlockSpec((None, None, chunk, block_v), lambda bi, hi, n, vi: (bi, hi, n, vi))
+    qk_spec = seq_spec(chunk, dk, True, lambda bi, hi, n, vi: (bi, hi, n, 0))
+    v_spec = seq_spec(chunk, block_v, True, lambda bi, hi, n, vi: (bi, hi, n, vi))
     cum_spec = pl.BlockSpec((None, None, chunk), lambda bi, hi, n, vi: (bi, hi, n))
     state_spec = pl.BlockSpec((None, None, None, dk, block_v), lambda bi, hi, n, vi: (bi, hi, n, 0, vi))
     return pl.pallas_call(
@@ -101,15 +115,15 @@ def _fused_kernel(q_ref, k_ref, v_ref, cum_ref, h0_ref, out_ref, final_ref, *sta
 
 
 def fused(q, k, v, cum, h0, *, config, save_states, interpret):
-    """q/k [b, h, s, dk], v [b, h, s, dv], cum [b, h, s], h0 [b, h, dk, dv] (acc dtype) -> (out [b, h, s, dv] in
+    """q/k [b, s, h, dk], v [b, s, h, dv], cum [b, h, s], h0 [b, h, dk, dv] (acc dtype) -> (out [b, s, h, dv] in
     q's dtype, final state [b, h, dk, dv], states [b, h, n_chunks, dk, dv] in q's dtype or None)."""
-    b, h, s, dk = q.shape
+    b, s, h, dk = q.shape
     dv = v.shape[-1]
     chunk, block_v = config.chunk_size, config.block_v
     n_chunks = s // chunk
     acc = acc_dtype(q.dtype)
-    qk_spec = pl.BlockSpec((None, None, s, dk), lambda bi, hi, vi: (bi, hi, 0, 0))
-    v_spec = pl.BlockSpec((None, None, s, block_v), lambda bi, hi, vi: (bi, hi, 0, vi))
+    qk_spec = seq_spec(s, dk, True, lambda bi, hi, vi: (bi, hi, 0, 0))
+    v_spec = seq_spec(s, block_v, True, lambda bi, hi, vi: (bi, hi, 0, vi))
     cum_spec = pl.BlockSpec((None, None, s), lambda bi, hi, vi: (bi, hi, 0))
     state_spec = pl.BlockSpec((None, None, dk, block_v), lambda bi, hi, vi: (bi, hi, 0, vi))
     out_specs = [v_spec, state_spec]

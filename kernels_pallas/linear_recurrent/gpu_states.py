@@ -19,7 +19,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels_pallas.linear_recurrent import chunk_math
-from kernels_pallas.linear_recurrent.gpu_forward import acc_dtype, chunk_tiles, compiler_params, make_dot
+from kernels_pallas.linear_recurrent.gpu_forward import acc_dtype, chunk_tiles, compiler_params, make_dot, seq_spec
 
 
 def _walk(a_ref, b_ref, cum_ref, start_ref, stored_ref, end_ref, *, step, chunk, n_chunks, reverse):
@@ -39,16 +39,16 @@ def _walk(a_ref, b_ref, cum_ref, start_ref, stored_ref, end_ref, *, step, chunk,
 
 
 def _pass(a, b_, cum, start, *, step, reverse, config, interpret, name):
-    """a [b, h, s, dk] (k or q), b_ [b, h, s, dv] (v or dout), start [b, h, dk, dv] ->
+    """a [b, s, h, dk] (k or q), b_ [b, s, h, dv] (v or dout), cum [b, h, s], start [b, h, dk, dv] ->
     (stored [b, h, n_chunks, dk, dv] in a's dtype, end [b, h, dk, dv] in the accumulation dtype)."""
-    b, h, s, dk = a.shape
+    b, s, h, dk = a.shape
     dv = b_.shape[-1]
     chunk = config.chunk_size
     block_k = dk if config.block_k is None else min(config.block_k, dk)
     block_v = dv if config.block_v is None else min(config.block_v, dv)
     n_chunks = s // chunk
-    a_spec = pl.BlockSpec((None, None, s, block_k), lambda bi, hi, ki, vi: (bi, hi, 0, ki))
-    b_spec = pl.BlockSpec((None, None, s, block_v), lambda bi, hi, ki, vi: (bi, hi, 0, vi))
+    a_spec = seq_spec(s, block_k, True, lambda bi, hi, ki, vi: (bi, hi, 0, ki))
+    b_spec = seq_spec(s, block_v, True, lambda bi, hi, ki, vi: (bi, hi, 0, vi))
     cum_spec = pl.BlockSpec((None, None, s), lambda bi, hi, ki, vi: (bi, hi, 0))
     block_spec = pl.BlockSpec((None, None, block_k, block_v), lambda bi, hi, ki, vi: (bi, hi, ki, vi))
     stored_spec = pl.BlockSpec((None, None, n_chunks, block_k, block_v), lambda bi, hi, ki, vi: (bi, hi, 0, ki, vi))

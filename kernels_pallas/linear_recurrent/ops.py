@@ -118,10 +118,14 @@ def chunked_scalar_gate_recurrence(
     chunk = config.chunk_size
     s_pad = _entry.padded_length(s, chunk)
 
+    # The GPU kernels read the caller's [b, s, h, d] layout; the TPU kernels' tiles want [b, h, s, d] (a block's
+    # last two dims must be whole (8, 128) tiles, which one head's row is not).
+    heads_first = backend == "mosaic_tpu"
+
     # Padded steps have k = v = 0 and gate 0 (identity): the state passes through them unchanged.
     def prepare(x, d_pad):
         x = jnp.pad(x, ((0, 0), (0, s_pad - s), (0, 0), (0, d_pad - x.shape[3])))
-        return jnp.swapaxes(x, 1, 2)  # [b, h, s_pad, d]
+        return jnp.swapaxes(x, 1, 2) if heads_first else x
 
     qp, kp, vp = prepare(q, dk_pad), prepare(k, dk_pad), prepare(v, dv_pad)
     gate = jnp.zeros((b, s, h), acc) if log_gate is None else log_gate.astype(acc)
@@ -131,7 +135,8 @@ def chunked_scalar_gate_recurrence(
     h0 = _entry.initial_state(initial_state, (b, h, dk, dv), dk_pad, dv_pad, acc)
 
     out, final = _recurrence(qp, kp, vp, cum, h0, _entry.Static(config, backend, interpret))
-    return jnp.swapaxes(out, 1, 2)[:, :s, :, :dv], final[:, :, :dk, :dv]
+    out = jnp.swapaxes(out, 1, 2) if heads_first else out
+    return out[:, :s, :, :dv], final[:, :, :dk, :dv]
 
 
 def mechanism_recurrence(q, k, v, log_gate, *, initial_state, segment_ids, chunk_size):

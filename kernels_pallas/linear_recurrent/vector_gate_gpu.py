@@ -29,6 +29,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from kernels_pallas.linear_recurrent import vector_gate_backward as bwd
 from kernels_pallas.linear_recurrent import vector_gate_forward as fwd
+from kernels_pallas.linear_recurrent.gpu_forward import seq_spec
 
 
 def _params(config, num_warps=None):
@@ -45,19 +46,6 @@ def _states_kernel(k_ref, v_ref, cum_ref, h0_ref, states_ref, final_ref, *, chun
         return fwd.next_state(state, k_ref[rows, :], v_ref[rows, :], cum_ref[rows, :], last, dot)
 
     final_ref[...] = lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(final_ref.dtype))
-
-
-def seq_spec(rows, width, seq_major, index):
-    """BlockSpec of a [rows, width] tile of a [b, s, h, d] (seq_major) or [b, h, s, d] array; ``index`` maps the
-    grid ids to (batch, head, row block, column block)."""
-    if not seq_major:
-        return pl.BlockSpec((None, None, rows, width), index)
-
-    def seq_index(*ids):
-        b, h, r, c = index(*ids)
-        return b, r, h, c
-
-    return pl.BlockSpec((None, rows, None, width), seq_index)
 
 
 def _sequential_specs(s, chunk, bk, bv, n_chunks, seq_major):
