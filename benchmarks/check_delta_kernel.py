@@ -159,42 +159,24 @@ def bench_inverse(config, label):
 def bench_passes(config):
     """The two kernels after the WY preparation alone, forward and forward+backward (their custom VJPs), on
     operands shaped as ``chunked_delta_recurrence`` passes them: the state pass (``_state_pass``) and the output
-    step (``_output``); then everything but the kernels (the layout changes and casts around them)."""
+    step (``_output``)."""
     b, s, h, d = BENCH_SHAPE
     q, k, v, beta, gate, _, dout, _ = inputs(jax.random.key(0), b, s, h, d, jnp.bfloat16)
     config = dataclasses.replace(config, block_v=min(config.block_v or d, d))
     st = delta_ops._entry.Static(config, "triton", SMOKE)
-    heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [b, h, s, d] in bf16, as the kernels take them
-    qh, kh, vh = heads_first(q), heads_first(k), heads_first(v)
-    cum = jnp.cumsum(jnp.swapaxes(gate, 1, 2).reshape(b, h, s // config.chunk_size, -1), axis=-1).reshape(b, h, s)
+    cum = jnp.cumsum(delta_chunk.to_chunks(gate, config.chunk_size), axis=-1).reshape(b, h, s)  # heads-first
     h0 = jnp.zeros((b, h, d, d), jnp.float32)
-    states = jax.jit(lambda *a: delta_ops._state_pass(*a, st))(kh, vh, kh, cum, h0)[0]
-    pieces = {
+    states = jax.jit(lambda *a: delta_ops._state_pass(*a, st))(k, v, k, cum, h0)[0]
+    pieces = {  # q, k, v in the caller's [b, s, h, d] layout, as the GPU kernels take them
         "state pass alone": (lambda w, u0, k_out, cum: delta_ops._state_pass(w, u0, k_out, cum, h0, st)[1],
-                             (kh, vh, kh, cum)),
+                             (k, v, k, cum)),
         "output alone": (lambda q, k, u, cum, states: delta_ops._output(q, k, u, cum, states, st),
-                         (qh, kh, vh, cum, states)),
-        "glue alone (no kernels)": (glue_only, (q, k, v, beta, gate)),
+                         (q, k, v, cum, states)),
     }
     for label, (fn, args) in pieces.items():
         out_shape = jax.eval_shape(fn, *args)
         common.time_forward_and_backward(log, label, fn, args, jnp.ones(out_shape.shape, out_shape.dtype), b * s,
                                          deadline=START + BUDGET_S, reps=REPS)
-
-
-def glue_only(q, k, v, beta, g):
-    """``chunked_delta_recurrence`` with the WY preparation and the two kernels replaced by cheap stand-ins of the
-    same shapes (sums and slices), so that its layout changes and casts are what is timed."""
-    b, s, h, d = q.shape
-    chunk = GPU_DEFAULT.chunk_size
-    qc, kc, vc = (delta_ops._to_chunks(x, s, d, chunk, jnp.float32) for x in (q, k, v))
-    beta_c = delta_ops._to_chunks(beta, s, None, chunk, jnp.float32)
-    cum = jnp.cumsum(delta_ops._to_chunks(g, s, None, chunk, jnp.float32), axis=-1)
-    u0, w, k_out = vc * beta_c[..., None], kc * cum[..., None], kc
-    flat = lambda x: x.reshape(b, h, s, x.shape[-1]).astype(q.dtype)
-    u = flat(u0) + flat(w) + flat(k_out)
-    out = flat(qc) + u
-    return jnp.swapaxes(out, 1, 2)
 
 
 def xla_forward(q, k, v, beta, g):

@@ -55,6 +55,9 @@ OUT = os.environ.get("OUT", ".")
 SHAPES = [(4, 8192, 16, 128), (1, 32768, 16, 128)]
 VARIANTS = ("simple_gla", "linear", "retention", "gla", "delta_rule", "gated_delta_rule")
 FIXED_GATE = ("retention",)  # the gate is a constant: no gradient
+# fla 0.6.0 refuses these backwards on Triton < 3.7.1 on Hopper ("produces incorrect results for gated
+# chunk_bwd_dqkwg"), after a minute of compiling: skipped unless --try-fla-refused.
+FLA_REFUSES_BACKWARD = ("simple_gla", "gated_delta_rule")
 START = time.perf_counter()
 SMOKE = False  # set by --smoke: interpret mode, tiny shapes
 
@@ -309,6 +312,8 @@ def main():
     parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     parser.add_argument("--sweep", action="store_true", help="also time the Pallas kernels under SWEEP's tilings")
     parser.add_argument("--smoke", action="store_true", help="CPU dry run: tiny shape, interpret mode, no fla")
+    parser.add_argument("--try-fla-refused", action="store_true",
+                        help="also run fla's backwards in FLA_REFUSES_BACKWARD (it refuses them on Triton 3.6)")
     args = parser.parse_args()
     if args.merge:
         merge(args.merge)
@@ -335,6 +340,9 @@ def main():
                         if impl == "fla":
                             if fla is None:
                                 raise RuntimeError("fla unavailable")
+                            if (mode != "forward" and variant in FLA_REFUSES_BACKWARD
+                                    and not args.try_fla_refused):
+                                raise RuntimeError("not run: fla refuses this backward on Triton < 3.7.1 on Hopper")
                             seconds, peak, out = run_fla(fla, variant, mode, q, k, v, gate, dout)
                         else:
                             kind, _, label = impl.partition("[")

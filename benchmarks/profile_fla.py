@@ -1,7 +1,7 @@
 """Kernel by kernel: fla's chunk kernels beside ours, one forward+backward each, on the GPU machine.
 
     PYTHONPATH=. python benchmarks/profile_fla.py --fla-wheel path/to/fla_core-0.6.0-py3-none-any.whl \
-        [--variants gla delta_rule] [--mode forward]
+        [--variants gla delta_rule] [--mode forward] [--pallas-only]
 
 For each variant (``benchmarks/linear_recurrent.py``'s inputs at B4 S8192 H16 D128 bf16): fla's call three times
 (Triton's compile and fla's autotuning happen there), then once under ``torch.profiler`` (CUPTI); the same for the
@@ -54,6 +54,7 @@ def main():
     parser.add_argument("--fla-wheel", default=None)
     parser.add_argument("--variants", nargs="+", default=["gla", "delta_rule"], choices=lr.VARIANTS)
     parser.add_argument("--mode", default="forward+backward", choices=["forward", "forward+backward"])
+    parser.add_argument("--pallas-only", action="store_true", help="skip fla (its compile and autotuning)")
     args = parser.parse_args()
     import torch
 
@@ -65,10 +66,12 @@ def main():
 
     log(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}, torch {torch.__version__}, commit "
         f"{os.environ.get('BENCH_COMMIT')}, {args.mode}, B{SHAPE[0]} S{SHAPE[1]} H{SHAPE[2]} D{SHAPE[3]} bf16")
-    fla = lr.load_fla(args.fla_wheel)
+    fla = None if args.pallas_only else lr.load_fla(args.fla_wheel)
     for variant in args.variants:
         q, k, v, gate, dout = lr.inputs(jax.random.key(0), *SHAPE, variant)
         try:
+            if fla is None:
+                raise RuntimeError("not run (--pallas-only)")
             run = lr.fla_call(fla, variant, args.mode, q, k, v, gate, dout)
             profile(f"fla {variant}", run, lambda _: torch.cuda.synchronize(), log)
         except Exception as e:  # fla refuses some backwards: report and go on

@@ -46,6 +46,9 @@ GPU_CASES = {
     # The GPU default's forward: one sequential kernel writing outputs and states.
     "fused-forward-initial-state-two-v-blocks": (1, 37, 2, 8, 32, True, 1.0,
                                                  ChunkConfig(chunk_size=16, block_v=16, fused_forward=True)),
+    # Plain linear attention through the GPU default's forward: the kernels' no-gate specialisation (no exps).
+    "no-gate-fused-forward-initial-state": (1, 37, 2, 8, 16, True, None, ChunkConfig(chunk_size=16,
+                                                                                      fused_forward=True)),
 }
 
 

@@ -20,6 +20,7 @@ class Static:
     config: Any
     backend: str
     interpret: Any
+    gated: bool = True  # False: no gate at all (the scalar-gate GPU kernels then skip every exp)
 
 
 def check_inputs(q, k, v, initial_state, per_step=()):

@@ -61,6 +61,18 @@ def decay_matrix(cum_col, cum_row, causal):
     return jnp.where(causal, exp(jnp.where(causal, cum_col - cum_row, 0.0)), 0.0)
 
 
+def decayed(x, cum_col, cum_row, causal):
+    """x [C, C] times exp(c_t - c_s) where s <= t, else 0; without a gate (cum_col None) the causal mask alone."""
+    if cum_col is None:
+        return jnp.where(causal, x, 0.0)
+    return x * decay_matrix(cum_col, cum_row, causal)
+
+
+def scaled(x, exponent):
+    """x * exp(exponent); x itself without a gate (exponent None)."""
+    return x if exponent is None else x * exp(exponent)
+
+
 def total(x, keepdims):
     """Sum of a 2-D tile as two one-axis reductions (what both backends lower); [1, 1] with ``keepdims``."""
     return jnp.sum(jnp.sum(x, axis=1, keepdims=keepdims), axis=0, keepdims=keepdims)
@@ -68,21 +80,25 @@ def total(x, keepdims):
 
 def chunk_output(q, k, v, cum_col, cum_row, causal, state, dot):
     """Output of one chunk [C, bv] (float32) given the state entering it [dk, bv]."""
-    scores = dot(q, k, trans_b=True) * decay_matrix(cum_col, cum_row, causal)
-    q_in = (q * exp(cum_col)).astype(q.dtype)
+    scores = decayed(dot(q, k, trans_b=True), cum_col, cum_row, causal)
+    q_in = scaled(q, cum_col).astype(q.dtype)
     return dot(scores.astype(v.dtype), v) + dot(q_in, state.astype(q.dtype))
+
+
+def _to_end(cum_col, last):
+    return None if cum_col is None else last - cum_col
 
 
 def advance_state(k, v, cum_col, last, state, dot):
     """State leaving the chunk (float32) from the state entering it; k [C, bk], v [C, bv], state [bk, bv]."""
-    k_out = (k * exp(last - cum_col)).astype(k.dtype)
-    return exp(last) * state + dot(k_out, v, trans_a=True)
+    k_out = scaled(k, _to_end(cum_col, last)).astype(k.dtype)
+    return scaled(state, last) + dot(k_out, v, trans_a=True)
 
 
 def retreat_dstate(q, dout, cum_col, last, dstate, dot):
     """Gradient of the state entering the chunk from that of the state leaving it; q [C, bk], dout [C, bv]."""
-    q_in = (q * exp(cum_col)).astype(q.dtype)
-    return exp(last) * dstate + dot(q_in, dout, trans_a=True)
+    q_in = scaled(q, cum_col).astype(q.dtype)
+    return scaled(dstate, last) + dot(q_in, dout, trans_a=True)
 
 
 def chunk_gradients(q, k, v, dout, cum_col, cum_row, last, causal, state, dstate, dot, keepdims):
@@ -90,19 +106,19 @@ def chunk_gradients(q, k, v, dout, cum_col, cum_row, last, causal, state, dstate
 
     Returns (dq [C, dk], dk [C, dk], dv [C, dv], dcum [C, 1] with ``keepdims`` else [C], dlast): ``dcum`` is
     ``q_t . dq_t - k_t . dk_t``; the caller adds ``dlast`` ([1, 1] with ``keepdims``, else a scalar) to the
-    chunk's last step.
+    chunk's last step. Without a gate (cum_col, cum_row and last None) dcum and dlast are None.
     """
-    decay = decay_matrix(cum_col, cum_row, causal)
-    scores = dot(q, k, trans_b=True) * decay
-    dscores = dot(dout, v, trans_b=True) * decay
-    from_start = exp(cum_col)  # decay from the chunk start to step t
-    to_end = exp(last - cum_col)  # decay from step s to the chunk end
+    scores = decayed(dot(q, k, trans_b=True), cum_col, cum_row, causal)
+    dscores = decayed(dot(dout, v, trans_b=True), cum_col, cum_row, causal)
+    to_end = _to_end(cum_col, last)  # decay from step s to the chunk end (cum_col: from the chunk start to t)
     dstate_in = dstate.astype(v.dtype)
-    dq = dot(dscores.astype(k.dtype), k) + dot((dout * from_start).astype(dout.dtype), state.astype(dout.dtype),
+    dq = dot(dscores.astype(k.dtype), k) + dot(scaled(dout, cum_col).astype(dout.dtype), state.astype(dout.dtype),
                                                trans_b=True)
-    dk_state = dot((v * to_end).astype(v.dtype), dstate_in, trans_b=True)
+    dk_state = dot(scaled(v, to_end).astype(v.dtype), dstate_in, trans_b=True)
     dk = dot(dscores.astype(q.dtype), q, trans_a=True) + dk_state
-    dv = dot(scores.astype(dout.dtype), dout, trans_a=True) + dot((k * to_end).astype(k.dtype), dstate_in)
+    dv = dot(scores.astype(dout.dtype), dout, trans_a=True) + dot(scaled(k, to_end).astype(k.dtype), dstate_in)
+    if cum_col is None:
+        return dq, dk, dv, None, None
     dcum = jnp.sum(q * dq - k * dk, axis=1, keepdims=keepdims)
     state_term = total(state.astype(dk_state.dtype) * dstate.astype(dk_state.dtype), keepdims)
     dlast = exp(last) * state_term + total(k * dk_state, keepdims)

@@ -98,8 +98,9 @@ class DeltaConfig:
 # S8192 H16 D128 bf16 gated (benchmarks/results/check_delta_kernel_passes_h200.txt), ms forward / forward+backward:
 # this (3 stages) 2.59 / 7.65; 2 stages 2.64 / 8.02; 8 warps 3.49 / 8.99; block_v 128 2.71 / 9.03; block_v 32
 # 2.83 / 8.07.
-# Chunk-parallel kernels at 8 warps (parallel_warps): fewer spills (see DeltaConfig).
-GPU_DEFAULT = DeltaConfig(chunk_size=64, block_v=64, num_warps=4, num_stages=3, parallel_warps=8)
+# parallel_warps=8 (fewer spills, see DeltaConfig) measured slower: 12.3 / 4.77 M tokens/s forward /
+# forward+backward against 16.5 / 5.29 with 4 (check_delta_tilings_h200.txt).
+GPU_DEFAULT = DeltaConfig(chunk_size=64, block_v=64, num_warps=4, num_stages=3)
 # TPU: chunk rows are sublanes; the state block takes all of dv (lanes).
 TPU_DEFAULT = DeltaConfig(chunk_size=128, block_v=None)
 # CPU interpret mode (tests): small chunks so that short inputs take several (16: the GPU build's smallest tile).
@@ -290,8 +291,10 @@ def chunked_delta_recurrence(
     qp, kp = pad(q, dk_pad), pad(k, dk_pad)
     vp = pad(v, dv_pad)
     beta_c = delta_chunk.to_chunks(pad(beta.astype(acc)), chunk)  # [b, h, n, C]
-    gate = jnp.zeros((b, s, h), acc) if log_gate is None else log_gate.astype(acc)
-    cum = jnp.cumsum(delta_chunk.to_chunks(pad(gate), chunk), axis=-1)  # inclusive, inside each chunk
+    if log_gate is None:  # zeros, not a cumsum of zeros (XLA would spend seconds constant-folding that)
+        cum = jnp.zeros(beta_c.shape, acc)
+    else:  # inclusive, inside each chunk
+        cum = jnp.cumsum(delta_chunk.to_chunks(pad(log_gate.astype(acc)), chunk), axis=-1)
     options = wy_options(config, backend, interpret, q.dtype)
     if "fused" in options:  # the GPU default: one kernel, in the caller's layout, u0, w, k_out in q's dtype
         u0, w, k_out = options["fused"](kp, vp, beta_c, cum)

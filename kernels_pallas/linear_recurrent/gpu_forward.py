@@ -66,17 +66,27 @@ def chunk_specs(chunk, dk, dv):
             pl.BlockSpec((None, None, None, dk, dv), lambda bi, hi, n: (bi, hi, n, 0, 0)))
 
 
-def _output_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, out_ref):
+def gate_tiles(cum_ref, rows, gated):
+    """(column [C, 1], row [1, C], last: the chunk's total) of the chunk's cumulative log gates ``cum_ref[rows]``;
+    (None, None, None) without a gate (not even loaded: ``chunk_math`` then skips every exp)."""
+    if not gated:
+        return None, None, None
+    cum = cum_ref[rows]
+    _, is_last = chunk_tiles(cum.shape[0])
+    return cum[:, None], cum[None, :], jnp.sum(jnp.where(is_last, cum, 0.0))
+
+
+def _output_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, out_ref, *, gated):
     causal, _ = chunk_tiles(q_ref.shape[0])
-    cum = cum_ref[...]
-    out = chunk_math.chunk_output(q_ref[...], k_ref[...], v_ref[...], cum[:, None], cum[None, :], causal,
+    cum_col, cum_row, _ = gate_tiles(cum_ref, slice(None), gated)
+    out = chunk_math.chunk_output(q_ref[...], k_ref[...], v_ref[...], cum_col, cum_row, causal,
                                   state_ref[...], make_dot(q_ref.dtype))
     out_ref[...] = out.astype(out_ref.dtype)
 
 
-def output(q, k, v, cum, states, *, config, interpret):
+def output(q, k, v, cum, states, *, config, interpret, gated=True):
     """q/k [b, s, h, dk], v [b, s, h, dv], cum [b, h, s], states [b, h, n_chunks, dk, dv] (entering each chunk)
-    -> out [b, s, h, dv] in q's dtype."""
+    -> out [b, s, h, dv] in q's dtype. ``gated=False``: no gate (cum is zeros and not read)."""
     b, s, h, dk = q.shape
     dv = v.shape[-1]
     chunk, block_v = config.chunk_size, config.block_v
@@ -85,7 +95,7 @@ def output(q, k, v, cum, states, *, config, interpret):
     cum_spec = pl.BlockSpec((None, None, chunk), lambda bi, hi, n, vi: (bi, hi, n))
     state_spec = pl.BlockSpec((None, None, None, dk, block_v), lambda bi, hi, n, vi: (bi, hi, n, 0, vi))
     return pl.pallas_call(
-        _output_kernel,
+        functools.partial(_output_kernel, gated=gated),
         grid=(b, h, s // chunk, dv // block_v),
         in_specs=[qk_spec, qk_spec, v_spec, cum_spec, state_spec],
         out_specs=v_spec,
@@ -96,25 +106,24 @@ def output(q, k, v, cum, states, *, config, interpret):
     )(q, k, v, cum, states)
 
 
-def _fused_kernel(q_ref, k_ref, v_ref, cum_ref, h0_ref, out_ref, final_ref, *states_ref, chunk, n_chunks):
+def _fused_kernel(q_ref, k_ref, v_ref, cum_ref, h0_ref, out_ref, final_ref, *states_ref, chunk, n_chunks, gated):
     dot = make_dot(q_ref.dtype)
-    causal, is_last = chunk_tiles(chunk)
+    causal, _ = chunk_tiles(chunk)
 
     def body(n, state):
         rows = pl.ds(n * chunk, chunk)
-        cum = cum_ref[rows]
-        last = jnp.sum(jnp.where(is_last, cum, 0.0))
+        cum_col, cum_row, last = gate_tiles(cum_ref, rows, gated)
         if states_ref:  # the backward reads the state entering every chunk
             states_ref[0][n] = state.astype(states_ref[0].dtype)
         q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
-        out_ref[rows, :] = chunk_math.chunk_output(q, k, v, cum[:, None], cum[None, :], causal, state,
+        out_ref[rows, :] = chunk_math.chunk_output(q, k, v, cum_col, cum_row, causal, state,
                                                    dot).astype(out_ref.dtype)
-        return chunk_math.advance_state(k, v, cum[:, None], last, state, dot)
+        return chunk_math.advance_state(k, v, cum_col, last, state, dot)
 
     final_ref[...] = lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(final_ref.dtype))
 
 
-def fused(q, k, v, cum, h0, *, config, save_states, interpret):
+def fused(q, k, v, cum, h0, *, config, save_states, interpret, gated=True):
     """q/k [b, s, h, dk], v [b, s, h, dv], cum [b, h, s], h0 [b, h, dk, dv] (acc dtype) -> (out [b, s, h, dv] in
     q's dtype, final state [b, h, dk, dv], states [b, h, n_chunks, dk, dv] in q's dtype or None)."""
     b, s, h, dk = q.shape
@@ -132,7 +141,7 @@ def fused(q, k, v, cum, h0, *, config, save_states, interpret):
         out_specs.append(pl.BlockSpec((None, None, n_chunks, dk, block_v), lambda bi, hi, vi: (bi, hi, 0, 0, vi)))
         out_shape.append(jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), q.dtype))
     results = pl.pallas_call(
-        functools.partial(_fused_kernel, chunk=chunk, n_chunks=n_chunks),
+        functools.partial(_fused_kernel, chunk=chunk, n_chunks=n_chunks, gated=gated),
         grid=(b, h, dv // block_v),
         in_specs=[qk_spec, qk_spec, v_spec, cum_spec, state_spec],
         out_specs=out_specs,

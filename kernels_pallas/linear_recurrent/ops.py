@@ -26,13 +26,19 @@ def _kernels(backend):
     return forward, states, backward
 
 
+def _gate_option(st):
+    """The GPU kernels' ``gated`` flag (False: no exps at all); the TPU kernels apply the gates, zeros when none."""
+    return dict(gated=st.gated) if st.backend == "triton" else {}
+
+
 def _forward(q, k, v, cum, h0, st, save_states):
     """(out, final state, states entering each chunk or None)."""
     forward, states, _ = _kernels(st.backend)
+    options = dict(config=st.config, interpret=st.interpret, **_gate_option(st))
     if st.config.fused_forward:
-        return forward.fused(q, k, v, cum, h0, config=st.config, save_states=save_states, interpret=st.interpret)
-    entering, final = states.states(k, v, cum, h0, config=st.config, interpret=st.interpret)
-    out = forward.output(q, k, v, cum, entering, config=st.config, interpret=st.interpret)
+        return forward.fused(q, k, v, cum, h0, save_states=save_states, **options)
+    entering, final = states.states(k, v, cum, h0, **options)
+    out = forward.output(q, k, v, cum, entering, **options)
     return out, final, entering
 
 
@@ -51,11 +57,9 @@ def _recurrence_bwd(st, residuals, cotangents):
     q, k, v, cum, entering = residuals  # h0 has cum's dtype (the accumulation dtype)
     dout, dfinal = cotangents
     _, states, backward = _kernels(st.backend)
-    config = st.config.backward()
-    dleaving, dh0 = states.dstates(q, dout.astype(q.dtype), cum, dfinal.astype(cum.dtype),
-                                   config=config, interpret=st.interpret)
-    dq, dk, dv, dcum = backward.gradients(q, k, v, dout.astype(q.dtype), cum, entering, dleaving,
-                                          config=config, interpret=st.interpret)
+    options = dict(config=st.config.backward(), interpret=st.interpret, **_gate_option(st))
+    dleaving, dh0 = states.dstates(q, dout.astype(q.dtype), cum, dfinal.astype(cum.dtype), **options)
+    dq, dk, dv, dcum = backward.gradients(q, k, v, dout.astype(q.dtype), cum, entering, dleaving, **options)
     return dq, dk, dv, dcum.astype(cum.dtype), dh0.astype(cum.dtype)
 
 
@@ -128,13 +132,14 @@ def chunked_scalar_gate_recurrence(
         return jnp.swapaxes(x, 1, 2) if heads_first else x
 
     qp, kp, vp = prepare(q, dk_pad), prepare(k, dk_pad), prepare(v, dv_pad)
-    gate = jnp.zeros((b, s, h), acc) if log_gate is None else log_gate.astype(acc)
-    gate = jnp.swapaxes(jnp.pad(gate, ((0, 0), (0, s_pad - s), (0, 0))), 1, 2)  # [b, h, s_pad]
-    # Inclusive cumulative log gate inside each chunk (its gradient, a reverse cumsum, comes from autodiff).
-    cum = jnp.cumsum(gate.reshape(b, h, s_pad // chunk, chunk), axis=-1).reshape(b, h, s_pad)
+    if log_gate is None:  # zeros, not a cumsum of zeros (XLA would spend seconds constant-folding that)
+        cum = jnp.zeros((b, h, s_pad), acc)
+    else:  # inclusive cumulative log gate inside each chunk (its gradient, a reverse cumsum, from autodiff)
+        gate = jnp.swapaxes(jnp.pad(log_gate.astype(acc), ((0, 0), (0, s_pad - s), (0, 0))), 1, 2)  # [b, h, s]
+        cum = jnp.cumsum(gate.reshape(b, h, s_pad // chunk, chunk), axis=-1).reshape(b, h, s_pad)
     h0 = _entry.initial_state(initial_state, (b, h, dk, dv), dk_pad, dv_pad, acc)
 
-    out, final = _recurrence(qp, kp, vp, cum, h0, _entry.Static(config, backend, interpret))
+    out, final = _recurrence(qp, kp, vp, cum, h0, _entry.Static(config, backend, interpret, log_gate is not None))
     out = jnp.swapaxes(out, 1, 2) if heads_first else out
     return out[:, :s, :, :dv], final[:, :, :dk, :dv]
 
