@@ -31,11 +31,12 @@ TILINGS = {
                                                              num_warps_bwd=8, num_stages_bwd=2),
 }
 
-# The delta rule's GPU default against its chunk-parallel kernels at 4 warps (DeltaConfig.parallel_warps).
+# The delta rule's GPU default (4 warps everywhere, bf16 operands in the WY kernels' dots) against the WY kernels'
+# former float32 (TF32) operands and against 8 warps in the chunk-parallel kernels (DeltaConfig.parallel_warps).
 DELTA_TILINGS = {
     "default": lr.delta_ops.GPU_DEFAULT,
-    "parallel warps 4": dataclasses.replace(lr.delta_ops.GPU_DEFAULT, parallel_warps=4),
-    "all warps 8": dataclasses.replace(lr.delta_ops.GPU_DEFAULT, num_warps=8, parallel_warps=8),
+    "WY float32 operands": dataclasses.replace(lr.delta_ops.GPU_DEFAULT, wy_operands="float32"),
+    "parallel warps 8": dataclasses.replace(lr.delta_ops.GPU_DEFAULT, parallel_warps=8),
 }
 
 

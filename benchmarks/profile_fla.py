@@ -1,7 +1,7 @@
 """Kernel by kernel: fla's chunk kernels beside ours, one forward+backward each, on the GPU machine.
 
     PYTHONPATH=. python benchmarks/profile_fla.py --fla-wheel path/to/fla_core-0.6.0-py3-none-any.whl \
-        [--variants gla delta_rule] [--mode forward] [--pallas-only]
+        [--variants gla delta_rule] [--mode forward] [--pallas-only] [--tilings]
 
 For each variant (``benchmarks/linear_recurrent.py``'s inputs at B4 S8192 H16 D128 bf16): fla's call three times
 (Triton's compile and fla's autotuning happen there), then once under ``torch.profiler`` (CUPTI); the same for the
@@ -55,6 +55,8 @@ def main():
     parser.add_argument("--variants", nargs="+", default=["gla", "delta_rule"], choices=lr.VARIANTS)
     parser.add_argument("--mode", default="forward+backward", choices=["forward", "forward+backward"])
     parser.add_argument("--pallas-only", action="store_true", help="skip fla (its compile and autotuning)")
+    parser.add_argument("--tilings", action="store_true",
+                        help="delta variants: profile every check_scalar_gate_tilings.DELTA_TILINGS config")
     args = parser.parse_args()
     import torch
 
@@ -76,12 +78,18 @@ def main():
             profile(f"fla {variant}", run, lambda _: torch.cuda.synchronize(), log)
         except Exception as e:  # fla refuses some backwards: report and go on
             log(f"## fla {variant}: FAILED {type(e).__name__}: {str(e)[:300]}")
-        forward, forward_backward = lr.jax_fns("pallas", variant)
-        fn = forward if args.mode == "forward" else forward_backward
-        try:
-            profile(f"pallas {variant}", lambda: fn(q, k, v, gate, dout), jax.block_until_ready, log)
-        except Exception as e:
-            log(f"## pallas {variant}: FAILED {type(e).__name__}: {str(e)[:300]}")
+        configs = {"": None}
+        if args.tilings and "delta" in variant:
+            from benchmarks.check_scalar_gate_tilings import DELTA_TILINGS
+
+            configs = {f" ({name})": config for name, config in DELTA_TILINGS.items()}
+        for name, config in configs.items():
+            forward, forward_backward = lr.jax_fns("pallas", variant, config)
+            fn = forward if args.mode == "forward" else forward_backward
+            try:
+                profile(f"pallas {variant}{name}", lambda: fn(q, k, v, gate, dout), jax.block_until_ready, log)
+            except Exception as e:
+                log(f"## pallas {variant}{name}: FAILED {type(e).__name__}: {str(e)[:300]}")
         with open(os.path.join(OUT, "profile_fla.txt"), "w") as f:
             f.write("\n".join(lines) + "\n")
 

@@ -74,21 +74,33 @@ class Settings:
     """What the kernel needs that is not an array (hashable: custom_vjp's non-differentiable argument).
 
     interpret: run in Pallas' interpreter (CPU); tf32: 1-pass TF32 dots on the GPU (else 3-pass);
-    num_warps, num_stages: Triton launch settings.
+    num_warps, num_stages: Triton launch settings; operand_dtype: the dtype name the fused kernels cast the
+    operands of their dots to, except the inversion's (None: the accumulation dtype, float32). ``delta_ops`` passes
+    16-bit inputs' dtype (``DeltaConfig.wy_operands``): bf16 tensor-core dots, fla's choice (module docstring).
     """
 
     interpret: bool = False
     tf32: bool = False
     num_warps: int = 4
     num_stages: int = 2
+    operand_dtype: str | None = None
 
     def kernel_precision(self, dtype):
-        """The in-kernel dots' precision (lax.Precision or a DotAlgorithmPreset)."""
+        """The in-kernel dots' precision (lax.Precision or a DotAlgorithmPreset) for operands of ``dtype``."""
         if self.interpret or dtype == jnp.float64:
             return lax.Precision.HIGHEST
+        if jnp.dtype(dtype).itemsize < 4:
+            return None  # 16-bit operands: the tensor cores' native dot, float32 accumulation
         if self.tf32:
             return lax.DotAlgorithmPreset.TF32_TF32_F32
         return lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+
+    def operand_dot(self, acc):
+        """``dot(x, y, trans_b)`` of the fused kernels' products: operands cast to ``operand_dtype`` (if set),
+        accumulated in ``acc``."""
+        operand = acc if self.operand_dtype is None else jnp.dtype(self.operand_dtype)
+        dot = _make_dot(self.kernel_precision(operand), acc)
+        return lambda x, y, trans_b=False: dot(x.astype(operand), y.astype(operand), trans_b)
 
     @property
     def xla_precision(self):
@@ -211,10 +223,10 @@ class FusedSettings(Settings):
 def _fused_kernel(k_ref, v_ref, beta_ref, cum_ref, u0_ref, w_ref, kout_ref, *t_ref, settings):
     acc = acc_dtype(k_ref.dtype)  # the WY algebra runs in float32 whatever the inputs' dtype
     k, beta, cum = k_ref[...].astype(acc), beta_ref[...], cum_ref[...]
-    dot = _make_dot(settings.kernel_precision(acc), acc)
-    t = invert_tile(delta_chunk.wy_matrix(dot(k, k, trans_b=True), beta, cum), dot)
-    u0_ref[...] = dot(t, beta[:, None] * v_ref[...].astype(acc)).astype(u0_ref.dtype)
-    w_ref[...] = dot(t, (beta * exp(cum))[:, None] * k).astype(w_ref.dtype)  # cum <= 0: exp(cum) <= 1
+    dot, operand_dot = _make_dot(settings.kernel_precision(acc), acc), settings.operand_dot(acc)
+    t = invert_tile(delta_chunk.wy_matrix(operand_dot(k, k, trans_b=True), beta, cum), dot)
+    u0_ref[...] = operand_dot(t, beta[:, None] * v_ref[...].astype(acc)).astype(u0_ref.dtype)
+    w_ref[...] = operand_dot(t, (beta * exp(cum))[:, None] * k).astype(w_ref.dtype)  # cum <= 0: exp(cum) <= 1
     kout_ref[...] = (k * exp(chunk_last(cum) - cum)[:, None]).astype(kout_ref.dtype)
     if t_ref:  # only under differentiation: T is the backward's residual
         t_ref[0][...] = t.astype(t_ref[0].dtype)
@@ -242,9 +254,9 @@ def _fused_call(k, v, beta, cum, settings, with_t):
     tile_k, tile_v, gates, square = fused_specs(chunk, dk, dv)
     out_specs = [tile_v, tile_k, tile_k]
     out_shape = [jax.ShapeDtypeStruct(v.shape, out_dtype)] + [jax.ShapeDtypeStruct(k.shape, out_dtype)] * 2
-    if with_t:
+    if with_t:  # T in the dots' operand dtype: what the backward kernel's dots read
         out_specs.append(square)
-        out_shape.append(jax.ShapeDtypeStruct(beta.shape + (chunk,), beta.dtype))
+        out_shape.append(jax.ShapeDtypeStruct(beta.shape + (chunk,), settings.operand_dtype or beta.dtype))
     return pl.pallas_call(
         functools.partial(_fused_kernel, settings=settings),
         grid=(b, h, s // chunk),
@@ -293,7 +305,7 @@ def _fused_bwd(settings, residuals, cotangents):
 
         return delta_wy_backward_gpu.wy_backward(*residuals, *cotangents, settings)
     k, v, beta, cum, t = residuals
-    chunk = beta.shape[-1]
+    chunk, t = beta.shape[-1], t.astype(beta.dtype)
     u0_bar, w_bar, k_out_bar = (delta_chunk.to_chunks(x, chunk).astype(t.dtype) for x in cotangents)
     precision = settings.xla_precision
 

@@ -54,6 +54,10 @@ class DeltaConfig:
         (fused_wy True, or None on Triton). H200, B4 S8192 H16 D128 bf16 gated: whole kernel 2.60 / 9.30 ms
         forward / forward+backward against 2.61 / 11.40 with the XLA backward; the preparation alone 1.54 / 3.99
         against 1.50 / 6.08 (``benchmarks/results/check_delta_kernel_wy_backward_h200.txt``).
+      wy_operands: the dtype of the fused WY kernels' dot operands (forward and backward; the inversion's own dots
+        are float32): "input" (q's dtype: bf16 tensor-core dots for bf16 inputs, fla's choice; the products are
+        rounded to bf16 soon after anyway) or "float32" (TF32 dots on float32 operands: 1-pass for 16-bit inputs,
+        3-pass for float32). The same for float32 inputs.
     """
 
     chunk_size: int = 64
@@ -64,6 +68,7 @@ class DeltaConfig:
     fused_wy: bool | None = None
     wy_backward_kernel: bool | None = None
     parallel_warps: int | None = None
+    wy_operands: str = "input"
 
     def validate(self, min_tile: int) -> None:
         """Raises ValueError unless chunk_size and block_v are powers of two >= ``min_tile`` (block_v may be None)."""
@@ -85,6 +90,8 @@ class DeltaConfig:
             raise ValueError(f"fused_wy must be a bool or None, got {self.fused_wy!r}")
         if self.wy_backward_kernel is not None and not isinstance(self.wy_backward_kernel, bool):
             raise ValueError(f"wy_backward_kernel must be a bool or None, got {self.wy_backward_kernel!r}")
+        if self.wy_operands not in ("input", "float32"):
+            raise ValueError(f"wy_operands must be 'input' or 'float32', got {self.wy_operands!r}")
         if self.fused_wy and self.explicit_inverse is False:
             raise ValueError("fused_wy=True applies the explicit inverse in the kernel: explicit_inverse must be "
                              "True or None, got False")
@@ -213,8 +220,10 @@ def wy_options(config, backend, interpret, dtype):
         raise ValueError(f"fused_wy=True needs the Triton backend (a Pallas GPU kernel), got {backend!r}")
     from kernels_pallas.linear_recurrent import delta_inverse_gpu
 
+    narrow = config.wy_operands == "input" and jnp.dtype(dtype).itemsize < 4
     settings = _gpu_settings(delta_inverse_gpu.FusedSettings, config, interpret, dtype,
-                             out_dtype=jnp.dtype(dtype).name, kernel_backward=config.wy_backward_kernel is not False)
+                             out_dtype=jnp.dtype(dtype).name, kernel_backward=config.wy_backward_kernel is not False,
+                             operand_dtype=jnp.dtype(dtype).name if narrow else None)
 
     def fused(k, v, beta, cum):
         return delta_inverse_gpu.fused_prepare(k, v, beta, cum, settings)

@@ -21,6 +21,8 @@ D_ts = exp(c_t - c_s) for s < t, else 0):
 before the exp (``delta_chunk.decay_matrix``): every exponent is <= 0. Cost per chunk: 8 whole-tile dots (two
 [C, C] x [C, C], the Gram matrix and five against [C, dk] / [C, dv]). k, v, the cotangents and k_bar, v_bar are in
 the caller's [batch, seq, heads, dim] layout and dtype (``fused_prepare``'s), converted to float32 in registers.
+Every dot takes its operands in ``Settings.operand_dtype`` (bf16 for bf16 inputs by default, as fla's WY backward;
+T is stored in it) and accumulates in float32; the elementwise algebra is float32.
 """
 
 from __future__ import annotations
@@ -34,14 +36,14 @@ from jax.experimental.pallas import triton as plgpu
 
 from kernels_pallas.linear_recurrent import delta_chunk
 from kernels_pallas.linear_recurrent.chunk_math import acc_dtype, exp
-from kernels_pallas.linear_recurrent.delta_inverse_gpu import _make_dot, chunk_last, fused_specs
+from kernels_pallas.linear_recurrent.delta_inverse_gpu import chunk_last, fused_specs
 
 
 def _backward_kernel(k_ref, v_ref, beta_ref, cum_ref, t_ref, u0_bar_ref, w_bar_ref, k_out_bar_ref,
                      k_bar_ref, v_bar_ref, beta_bar_ref, cum_bar_ref, *, settings):
     acc = acc_dtype(k_ref.dtype)  # float32 (float64 in interpret mode); inputs and cotangents may be 16-bit
     k, v, beta, cum, t = k_ref[...].astype(acc), v_ref[...].astype(acc), beta_ref[...], cum_ref[...], t_ref[...]
-    dot = _make_dot(settings.kernel_precision(acc), acc)
+    dot = settings.operand_dot(acc)
     u0_bar, w_bar = u0_bar_ref[...].astype(acc), w_bar_ref[...].astype(acc)
     k_scale = beta * exp(cum)  # cum <= 0: exp(cum) <= 1
     t_transposed = t.T  # once, for the three products with T^T
@@ -74,7 +76,7 @@ def _backward_kernel(k_ref, v_ref, beta_ref, cum_ref, t_ref, u0_bar_ref, w_bar_r
 def wy_backward(k, v, beta, cum, t, u0_bar, w_bar, k_out_bar, settings):
     """(k_bar, v_bar, beta_bar, cum_bar) of ``fused_prepare`` (module docstring), in k's, v's, beta's and cum's
     dtypes and layouts: k [b, s, h, dk], v [b, s, h, dv], beta and cum [b, h, n, C], T [b, h, n, C, C] (beta's
-    dtype), u0_bar like v, w_bar and k_out_bar like k (any float dtype). ``settings``:
+    dtype or ``settings.operand_dtype``), u0_bar like v, w_bar and k_out_bar like k (any float dtype). ``settings``:
     ``delta_inverse_gpu.Settings`` (precision, launch, interpret)."""
     b, s, h, dk = k.shape
     chunk = beta.shape[-1]
