@@ -31,12 +31,14 @@ TILINGS = {
                                                              num_warps_bwd=8, num_stages_bwd=2),
 }
 
-# The delta rule's GPU default (4 warps everywhere, bf16 operands in the WY kernels' dots) against the WY kernels'
-# former float32 (TF32) operands and against 8 warps in the chunk-parallel kernels (DeltaConfig.parallel_warps).
+# The delta rule's GPU default (the backward's chunk-parallel kernels at 8 warps, the rest at 4; bf16 operands in
+# the WY kernels' dots; 64 value columns per program of the state passes and the output) against 4 warps
+# everywhere and other value blocks (profile_fla.py --tilings shows which kernels gain).
 DELTA_TILINGS = {
     "default": lr.delta_ops.GPU_DEFAULT,
-    "WY float32 operands": dataclasses.replace(lr.delta_ops.GPU_DEFAULT, wy_operands="float32"),
-    "parallel warps 8": dataclasses.replace(lr.delta_ops.GPU_DEFAULT, parallel_warps=8),
+    "gradient warps 4": dataclasses.replace(lr.delta_ops.GPU_DEFAULT, gradient_warps=None),
+    "block_v 32": dataclasses.replace(lr.delta_ops.GPU_DEFAULT, block_v=32),
+    "block_v 128": dataclasses.replace(lr.delta_ops.GPU_DEFAULT, block_v=128),
 }
 
 

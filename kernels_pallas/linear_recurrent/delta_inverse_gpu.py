@@ -214,10 +214,12 @@ inverse.defvjp(_inverse_fwd, _inverse_bwd)
 class FusedSettings(Settings):
     """``Settings`` plus out_dtype: the dtype name of u0, w and k_out (None: k's). ``delta_ops`` passes q's dtype,
     what the state and output kernels take. kernel_backward: the custom VJP's backward as a Pallas kernel
-    (``delta_wy_backward_gpu``; ``delta_ops`` asks for it by default), else plain JAX."""
+    (``delta_wy_backward_gpu``; ``delta_ops`` asks for it by default), else plain JAX; backward_warps: that
+    kernel's Triton warps (None: num_warps)."""
 
     out_dtype: str | None = None
     kernel_backward: bool = False
+    backward_warps: int | None = None
 
 
 def _fused_kernel(k_ref, v_ref, beta_ref, cum_ref, u0_ref, w_ref, kout_ref, *t_ref, settings):

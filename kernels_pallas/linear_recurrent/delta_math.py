@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from kernels_pallas.linear_recurrent.chunk_math import decay_matrix, exp
+from kernels_pallas.linear_recurrent.chunk_math import decayed, exp, scaled
 
 
 def total(x, keepdims):
@@ -77,15 +77,14 @@ def weight_gradients(u, du_tot, state, dstate, dot, dtype):
 
 def output_gradients(q, k, u, dout, cum_col, cum_row, causal, state, dot, keepdims):
     """Gradients of one chunk's output: q/k [C, dk], u/dout [C, dv], cum_col [C, 1], cum_row [1, C], state
-    [dk, dv] (entering the chunk) -> (dq, dk, du, dcum [C, 1] with ``keepdims`` else [C], d state)."""
-    decay = decay_matrix(cum_col, cum_row, causal)
-    scores = dot(q, k, trans_b=True) * decay
-    dscores = dot(dout, u, trans_b=True) * decay
-    from_start = exp(cum_col)  # decay from the chunk start to step t
-    dq = dot(dscores.astype(k.dtype), k) + dot((dout * from_start).astype(dout.dtype), state.astype(dout.dtype),
+    [dk, dv] (entering the chunk) -> (dq, dk, du, dcum [C, 1] with ``keepdims`` else [C], d state). Without a
+    gate (cum_col and cum_row None) no exp at all, and dcum is None."""
+    scores = decayed(dot(q, k, trans_b=True), cum_col, cum_row, causal)
+    dscores = decayed(dot(dout, u, trans_b=True), cum_col, cum_row, causal)
+    dq = dot(dscores.astype(k.dtype), k) + dot(scaled(dout, cum_col).astype(dout.dtype), state.astype(dout.dtype),
                                                trans_b=True)
     dk = dot(dscores.astype(q.dtype), q, trans_a=True)
     du = dot(scores.astype(dout.dtype), dout, trans_a=True)
-    dstate = dot((q * from_start).astype(q.dtype), dout, trans_a=True)
-    dcum = jnp.sum(q * dq - k * dk, axis=1, keepdims=keepdims)
+    dstate = dot(scaled(q, cum_col).astype(q.dtype), dout, trans_a=True)
+    dcum = None if cum_col is None else jnp.sum(q * dq - k * dk, axis=1, keepdims=keepdims)
     return dq, dk, du, dcum, dstate

@@ -38,10 +38,11 @@ class DeltaConfig:
         dv); the rows (dk) are never split, since the correction ``w S`` contracts them. Smaller blocks give more
         programs. The output's gradient kernel takes whole heads.
       num_warps, num_stages: Triton launch settings (ignored on TPU and in interpret mode).
-      parallel_warps: Triton warps of the chunk-parallel kernels that hold several [C, C] and [C, d] float32 tiles
-        at once (the WY kernels, forward and backward, and the output step's gradients); None = num_warps. More
-        warps give each thread fewer of the tiles' registers (ptxas, sm_90a, C 64, D 128: the WY backward spills
-        572 B at 8 warps against 1808 at 4, the output gradients 128 against 1512).
+      gradient_warps: Triton warps of the backward's chunk-parallel kernels (the WY preparation's backward and the
+        output step's gradients), which hold many [C, C] and [C, d] float32 tiles at once; None = num_warps. H200,
+        B4 S8192 H16 D128 bf16, kernel ms at 4 / 8 warps (``benchmarks/results/profile_delta_warps_h200.txt``): WY
+        backward 1.055 / 0.858, output gradients 1.074 / 0.860, but the WY forward 0.705 / 1.340 (it stays at
+        num_warps), the sequential passes slower at 8 too (below).
       explicit_inverse: the WY preparation's T = (I + A)^-1 from the Pallas kernel ``delta_inverse_gpu`` (Triton
         only) and two matmuls (True), or XLA's batched triangular solve (False); None = by backend (Triton: True).
       fused_wy: the whole WY preparation (A, T and T applied: u0, w) in one Pallas kernel,
@@ -67,7 +68,7 @@ class DeltaConfig:
     explicit_inverse: bool | None = None
     fused_wy: bool | None = None
     wy_backward_kernel: bool | None = None
-    parallel_warps: int | None = None
+    gradient_warps: int | None = None
     wy_operands: str = "input"
 
     def validate(self, min_tile: int) -> None:
@@ -78,9 +79,9 @@ class DeltaConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < min_tile or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two >= {min_tile}, got {value!r}")
-        for name in ("num_warps", "num_stages", "parallel_warps"):
+        for name in ("num_warps", "num_stages", "gradient_warps"):
             value = getattr(self, name)
-            if value is None and name == "parallel_warps":
+            if value is None and name == "gradient_warps":
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -96,18 +97,19 @@ class DeltaConfig:
             raise ValueError("fused_wy=True applies the explicit inverse in the kernel: explicit_inverse must be "
                              "True or None, got False")
 
-    def warps(self, parallel: bool) -> int:
-        """Triton warps of the sequential passes (parallel=False) or of the chunk-parallel kernels (True)."""
-        return self.parallel_warps if parallel and self.parallel_warps is not None else self.num_warps
+    def warps(self, gradients: bool) -> int:
+        """Triton warps of the backward's chunk-parallel kernels (gradients=True) or of every other kernel."""
+        return self.gradient_warps if gradients and self.gradient_warps is not None else self.num_warps
 
 
 # GPU (Triton): 64-step chunks, state blocks [dk, 64] in registers (fla's chunk_gated_delta_rule layout). H200, B4
 # S8192 H16 D128 bf16 gated (benchmarks/results/check_delta_kernel_passes_h200.txt), ms forward / forward+backward:
 # this (3 stages) 2.59 / 7.65; 2 stages 2.64 / 8.02; 8 warps 3.49 / 8.99; block_v 128 2.71 / 9.03; block_v 32
 # 2.83 / 8.07.
-# parallel_warps=8 (fewer spills, see DeltaConfig) measured slower: 12.3 / 4.77 M tokens/s forward /
-# forward+backward against 16.5 / 5.29 with 4 (check_delta_tilings_h200.txt).
-GPU_DEFAULT = DeltaConfig(chunk_size=64, block_v=64, num_warps=4, num_stages=3)
+# The chunk-parallel kernels at 8 warps, the WY forward included, measured slower: 12.3 / 4.77 M tokens/s forward /
+# forward+backward against 16.5 / 5.29 with 4 (check_delta_tilings_h200.txt); only the gradients' gain
+# (gradient_warps).
+GPU_DEFAULT = DeltaConfig(chunk_size=64, block_v=64, num_warps=4, num_stages=3, gradient_warps=8)
 # TPU: chunk rows are sublanes; the state block takes all of dv (lanes).
 TPU_DEFAULT = DeltaConfig(chunk_size=128, block_v=None)
 # CPU interpret mode (tests): small chunks so that short inputs take several (16: the GPU build's smallest tile).
@@ -158,7 +160,13 @@ _state_pass.defvjp(_state_pass_fwd, _state_pass_bwd)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _output(q, k, u, cum, all_states, st: _entry.Static):
     """Every chunk's output from its entering state and corrected values: the chunk-parallel kernel."""
-    return _kernels(st.backend)[1].output(q, k, u, cum, all_states, config=st.config, interpret=st.interpret)
+    return _kernels(st.backend)[1].output(q, k, u, cum, all_states, config=st.config, interpret=st.interpret,
+                                          **_gate_option(st))
+
+
+def _gate_option(st):
+    """The GPU output kernels' ``gated`` flag (False for the plain delta rule: no exps); the TPU's apply zeros."""
+    return dict(gated=st.gated) if st.backend == "triton" else {}
 
 
 def _output_fwd(q, k, u, cum, all_states, st):
@@ -168,7 +176,7 @@ def _output_fwd(q, k, u, cum, all_states, st):
 def _output_bwd(st, residuals, dout):
     q, k, u, cum, all_states = residuals
     grads = _kernels(st.backend)[1].output_gradients(q, k, u, dout.astype(q.dtype), cum, all_states,
-                                                     config=st.config, interpret=st.interpret)
+                                                     config=st.config, interpret=st.interpret, **_gate_option(st))
     return tuple(g.astype(x.dtype) for g, x in zip(grads, residuals))
 
 
@@ -179,7 +187,7 @@ def _gpu_settings(settings_type, config, interpret, dtype, **extra):
     """The GPU WY kernels' settings (``delta_inverse_gpu.Settings`` or ``FusedSettings``): 1-pass TF32 dots for
     bf16/f16 inputs, whose w and u0 are rounded to 16 bits right after (TF32 keeps 11); 3-pass for float32."""
     return settings_type(interpret=bool(interpret), tf32=jnp.dtype(dtype).itemsize < 4,
-                         num_warps=config.warps(parallel=True), num_stages=config.num_stages, **extra)
+                         num_warps=config.num_warps, num_stages=config.num_stages, **extra)
 
 
 def wy_inverse(config, backend, interpret, dtype):
@@ -223,6 +231,7 @@ def wy_options(config, backend, interpret, dtype):
     narrow = config.wy_operands == "input" and jnp.dtype(dtype).itemsize < 4
     settings = _gpu_settings(delta_inverse_gpu.FusedSettings, config, interpret, dtype,
                              out_dtype=jnp.dtype(dtype).name, kernel_backward=config.wy_backward_kernel is not False,
+                             backward_warps=config.warps(gradients=True),
                              operand_dtype=jnp.dtype(dtype).name if narrow else None)
 
     def fused(k, v, beta, cum):
@@ -313,7 +322,7 @@ def chunked_delta_recurrence(
         u0, w, k_out = (layout(delta_chunk.from_chunks(x).astype(q.dtype)) for x in prepared)
 
     h0 = _entry.initial_state(initial_state, (b, h, dk, dv), dk_pad, dv_pad, acc)
-    st = _entry.Static(config, backend, interpret)
+    st = _entry.Static(config, backend, interpret, log_gate is not None)
     cum = cum.reshape(b, h, s_pad)
     all_states, u, final = _state_pass(w, u0, k_out, cum, h0, st)
     out = _output(layout(qp), layout(kp), u, cum, all_states, st)  # the kernels' layout, q's dtype

@@ -87,7 +87,8 @@ def wy_backward(k, v, beta, cum, t, u0_bar, w_bar, k_out_bar, settings):
         in_specs=[tile_k, tile_v, gates, gates, square, tile_v, tile_k, tile_k],
         out_specs=[tile_k, tile_v, gates, gates],
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (k, v, beta, cum)],
-        compiler_params=plgpu.CompilerParams(num_warps=settings.num_warps, num_stages=settings.num_stages),
+        compiler_params=plgpu.CompilerParams(num_warps=settings.backward_warps or settings.num_warps,
+                                             num_stages=settings.num_stages),
         interpret=settings.interpret,
         name="delta_wy_backward",
     )(k, v, beta, cum, t, u0_bar, w_bar, k_out_bar)
