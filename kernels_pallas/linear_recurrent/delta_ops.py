@@ -39,10 +39,11 @@ class DeltaConfig:
         programs. The output's gradient kernel takes whole heads.
       num_warps, num_stages: Triton launch settings (ignored on TPU and in interpret mode).
       gradient_warps: Triton warps of the backward's chunk-parallel kernels (the WY preparation's backward and the
-        output step's gradients), which hold many [C, C] and [C, d] float32 tiles at once; None = num_warps. H200,
-        B4 S8192 H16 D128 bf16, kernel ms at 4 / 8 warps (``benchmarks/results/profile_delta_warps_h200.txt``): WY
-        backward 1.055 / 0.858, output gradients 1.074 / 0.860, but the WY forward 0.705 / 1.340 (it stays at
-        num_warps), the sequential passes slower at 8 too (below).
+        gated rule's output-step gradients), which hold many [C, C] and [C, d] float32 tiles at once; None =
+        num_warps. H200, B4 S8192 H16 D128 bf16, kernel ms at 4 / 8 warps (``benchmarks/results/
+        profile_delta_warps_h200.txt``): WY backward 1.055 / 0.858, gated output gradients 1.074 / 0.860, but the
+        plain rule's (no exps) 0.565 / 0.622 and the WY forward 0.705 / 1.340 (those stay at num_warps), the
+        sequential passes slower at 8 too (below).
       explicit_inverse: the WY preparation's T = (I + A)^-1 from the Pallas kernel ``delta_inverse_gpu`` (Triton
         only) and two matmuls (True), or XLA's batched triangular solve (False); None = by backend (Triton: True).
       fused_wy: the whole WY preparation (A, T and T applied: u0, w) in one Pallas kernel,

@@ -54,7 +54,8 @@ def output_gradients(q, k, u, dout, cum, all_states, *, config, interpret, gated
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                    jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct(cum.shape, acc),
                    jax.ShapeDtypeStruct(all_states.shape, all_states.dtype)],
-        compiler_params=plgpu.CompilerParams(num_warps=config.warps(gradients=True), num_stages=config.num_stages),
+        # Without a gate (no exps, no gate gradient) the kernel holds fewer tiles: faster at num_warps (DeltaConfig).
+        compiler_params=plgpu.CompilerParams(num_warps=config.warps(gradients=gated), num_stages=config.num_stages),
         interpret=interpret,
         name="delta_output_gradients",
     )(q, k, u, dout, cum, all_states)
