@@ -7,12 +7,13 @@ algebra is ``delta_math``.
 - ``states``: stores the state entering every chunk and the chunk's corrected values U = u0 - w S (what the output
   step needs), returns the final state.
 - ``dstates``: the reverse, as two kernels. The walk (same grid as ``states``) carries the state gradient from
-  the final state's cotangent and writes d u0, the chunks' total log gate gradients (at each chunk's last row of a
-  [s] array, to match the ``cum`` input; partial sums over dv blocks, a leading [n_v] axis the caller sums), d
-  initial_state and the gradient of the state leaving every chunk. d w and d k_out are not on the recurrence's
-  critical path, so a chunk-parallel kernel (one program per (batch, head, chunk), whole dv) computes them from
-  the stored state gradients afterwards: this takes two of the walk's four dots per chunk out of the sequential
-  loop, and covering all of dv at once writes them whole instead of as float32 partial sums over dv blocks.
+  the final state's cotangent and writes d u0, d initial_state and the gradient of the state leaving every
+  chunk. d w, d k_out and the chunks' total log gate gradients (d L = exp(L) sum(S * dS_next), at each chunk's
+  last row of a [s] array, to match the ``cum`` input) are not on the recurrence's critical path, so a
+  chunk-parallel kernel (one program per (batch, head, chunk), whole dv) computes them from the stored states and
+  state gradients afterwards: this takes two of the walk's four dots per chunk, its read of the stored state and
+  its whole-tile reduction out of the sequential loop, and covering all of dv at once writes the results whole
+  instead of as partial sums over dv blocks.
 
 Inputs are in the caller's [batch, seq, heads, dim] layout (the BlockSpecs pick one head's rows), cum heads-first
 [batch, heads, seq], padded by ``delta_ops``: sequence to a chunk multiple, head dims to powers of two >= 16
@@ -84,8 +85,8 @@ def states(w, u0, k_out, cum, h0, *, config, interpret):
     )(w, u0, k_out, cum, h0)
 
 
-def _dstates_kernel(w_ref, kout_ref, cum_ref, states_ref, du_ref, dstates_ref, dfinal_ref,
-                    du0_ref, dcum_ref, dleaving_ref, dh0_ref, *, chunk, n_chunks):
+def _dstates_kernel(w_ref, kout_ref, cum_ref, du_ref, dstates_ref, dfinal_ref, du0_ref, dleaving_ref, dh0_ref, *,
+                    chunk, n_chunks):
     dot = make_dot(w_ref.dtype)
     _, is_last = chunk_tiles(chunk)
 
@@ -94,56 +95,63 @@ def _dstates_kernel(w_ref, kout_ref, cum_ref, states_ref, du_ref, dstates_ref, d
         rows = pl.ds(n * chunk, chunk)
         # In w's dtype like the stored states: the weights kernel's dots cast their operands to it anyway.
         dleaving_ref[n] = dstate.astype(dleaving_ref.dtype)
-        last = _chunk_last(cum_ref, rows, is_last)
-        du_tot, dlast, dprev = delta_math.retreat_state(
-            w_ref[rows, :], kout_ref[rows, :], du_ref[rows, :], last, states_ref[n], dstate, dot, keepdims=False)
+        du_tot, dprev = delta_math.retreat_state(w_ref[rows, :], kout_ref[rows, :], du_ref[rows, :],
+                                                 _chunk_last(cum_ref, rows, is_last), dstate, dot)
         du0_ref[rows, :] = du_tot.astype(du0_ref.dtype)
-        dcum_ref[rows] = jnp.where(is_last, dlast, 0.0).astype(dcum_ref.dtype)
         return dprev + dstates_ref[n].astype(dprev.dtype)
 
     dh0_ref[...] = lax.fori_loop(0, n_chunks, body, dfinal_ref[...].astype(dh0_ref.dtype))
 
 
-def _weights_kernel(u_ref, du0_ref, state_ref, dleaving_ref, dw_ref, dkout_ref):
-    dw, dk_out = delta_math.weight_gradients(u_ref[...], du0_ref[...], state_ref[...], dleaving_ref[...],
-                                             make_dot(dw_ref.dtype), dw_ref.dtype)
+def _weights_kernel(u_ref, du0_ref, state_ref, dleaving_ref, cum_ref, dw_ref, dkout_ref, dcum_ref, *, gated):
+    state, dleaving = state_ref[...], dleaving_ref[...]
+    dw, dk_out = delta_math.weight_gradients(u_ref[...], du0_ref[...], state, dleaving, make_dot(dw_ref.dtype),
+                                             dw_ref.dtype)
     dw_ref[...] = dw.astype(dw_ref.dtype)
     dkout_ref[...] = dk_out.astype(dkout_ref.dtype)
+    if gated:  # the chunk's total log gate's gradient, at its last row (the layout of the cum input)
+        _, is_last = chunk_tiles(dcum_ref.shape[0])
+        last = _chunk_last(cum_ref, slice(None), is_last)
+        dlast = delta_math.gate_gradient(last, state, dleaving, keepdims=False)
+        dcum_ref[...] = jnp.where(is_last, dlast, 0.0).astype(dcum_ref.dtype)
+    else:
+        dcum_ref[...] = jnp.zeros(dcum_ref.shape, dcum_ref.dtype)
 
 
-def dstates(w, k_out, cum, all_states, u, dall_states, du, dfinal, *, config, interpret):
+def dstates(w, k_out, cum, all_states, u, dall_states, du, dfinal, *, config, interpret, gated=True):
     """Reverse of ``states`` given the cotangents of its outputs (dall_states, du, dfinal) ->
-    (d u0 like u, d w [1, *w.shape] in w's dtype, d k_out like d w, d cum [n_v, b, h, s] in the accumulation
-    dtype, d h0 like dfinal). d cum is a partial sum over the n_v dv blocks; d w and d k_out are whole (the
-    leading axis keeps the partial-sum contract of ``delta_tpu.dstates``, which the caller sums)."""
+    (d u0 like u, d w [1, *w.shape] in w's dtype, d k_out like d w, d cum [1, b, h, s] in the accumulation
+    dtype, d h0 like dfinal). The leading axes of size 1 keep the partial-sum contract of ``delta_tpu.dstates``
+    (sums over dv blocks), which the caller sums: here the weights kernel covers all of dv. ``gated=False``: d cum
+    is zeros (no gate)."""
     b, s, h, dk = w.shape
     dv = u.shape[-1]
     chunk, bv = config.chunk_size, config.block_v
     n_chunks, n_v = s // chunk, dv // bv
     seq_k, seq_v, gates, state, all_states_spec = _specs(s, dk, bv, n_chunks)
-    partial_gates = pl.BlockSpec((None, None, None, s), lambda bi, hi, vi: (vi, bi, hi, 0))
-    du0, dcum, dleaving, dh0 = pl.pallas_call(
+    du0, dleaving, dh0 = pl.pallas_call(
         functools.partial(_dstates_kernel, chunk=chunk, n_chunks=n_chunks),
         grid=(b, h, n_v),
-        in_specs=[seq_k, seq_k, gates, all_states_spec, seq_v, all_states_spec, state],
-        out_specs=[seq_v, partial_gates, all_states_spec, state],
-        out_shape=[jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct((n_v,) + cum.shape, acc_dtype(w.dtype)),
-                   jax.ShapeDtypeStruct(all_states.shape, w.dtype),
+        in_specs=[seq_k, seq_k, gates, seq_v, all_states_spec, state],
+        out_specs=[seq_v, all_states_spec, state],
+        out_shape=[jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct(all_states.shape, w.dtype),
                    jax.ShapeDtypeStruct(dfinal.shape, dfinal.dtype)],
         compiler_params=compiler_params(config),
         interpret=interpret,
         name="delta_dstates",
-    )(w, k_out, cum, all_states, du, dall_states, dfinal)
-    _, tile_v, _, chunk_state = chunk_specs(chunk, dk, dv)
+    )(w, k_out, cum, du, dall_states, dfinal)
+    _, tile_v, cum_spec, chunk_state = chunk_specs(chunk, dk, dv)
     whole_k = pl.BlockSpec((None, None, chunk, None, dk), lambda bi, hi, n: (0, bi, n, hi, 0))
-    dw, dk_out = pl.pallas_call(
-        _weights_kernel,
+    whole_cum = pl.BlockSpec((None, None, None, chunk), lambda bi, hi, n: (0, bi, hi, n))
+    dw, dk_out, dcum = pl.pallas_call(
+        functools.partial(_weights_kernel, gated=gated),
         grid=(b, h, n_chunks),
-        in_specs=[tile_v, tile_v, chunk_state, chunk_state],
-        out_specs=[whole_k, whole_k],
-        out_shape=[jax.ShapeDtypeStruct((1,) + w.shape, w.dtype)] * 2,
+        in_specs=[tile_v, tile_v, chunk_state, chunk_state, cum_spec],
+        out_specs=[whole_k, whole_k, whole_cum],
+        out_shape=[jax.ShapeDtypeStruct((1,) + w.shape, w.dtype)] * 2
+        + [jax.ShapeDtypeStruct((1,) + cum.shape, acc_dtype(w.dtype))],
         compiler_params=compiler_params(config),
         interpret=interpret,
         name="delta_dstates_weights",
-    )(u, du0, all_states, dleaving)
+    )(u, du0, all_states, dleaving, cum)
     return du0, dw, dk_out, dcum, dh0

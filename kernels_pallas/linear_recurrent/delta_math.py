@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from kernels_pallas.linear_recurrent.chunk_math import decayed, exp, scaled
+from kernels_pallas.linear_recurrent.chunk_math import acc_dtype, decayed, exp, scaled
 
 
 def total(x, keepdims):
@@ -52,19 +52,24 @@ def retreat(w, k_out, u, du, last, state, dstate, dot, keepdims):
     ``state`` is the state entering the chunk, ``dstate`` the gradient of the one leaving it; ``d L`` is [1, 1]
     with ``keepdims`` (TPU), else a scalar.
     """
-    du_tot, dlast, dprev = retreat_state(w, k_out, du, last, state, dstate, dot, keepdims)
+    du_tot, dprev = retreat_state(w, k_out, du, last, dstate, dot)
     dw, dk_out = weight_gradients(u, du_tot, state, dstate, dot, w.dtype)
-    return du_tot, dw, dk_out, dlast, dprev
+    return du_tot, dw, dk_out, gate_gradient(last, state, dstate, keepdims), dprev
 
 
-def retreat_state(w, k_out, du, last, state, dstate, dot, keepdims):
-    """The part of ``retreat`` on the recurrence's critical path -> (d u0, d L, dS), as in ``retreat``."""
+def retreat_state(w, k_out, du, last, dstate, dot):
+    """The part of ``retreat`` on the recurrence's critical path -> (d u0, dS), as in ``retreat``."""
     acc = dstate.dtype
     dtype = w.dtype
     du_tot = du.astype(acc) + dot(k_out, dstate.astype(dtype))
-    dlast = exp(last) * total(state.astype(acc) * dstate, keepdims)
     dprev = exp(last) * dstate - dot(w, du_tot.astype(dtype), trans_a=True)
-    return du_tot, dlast, dprev
+    return du_tot, dprev
+
+
+def gate_gradient(last, state, dstate, keepdims):
+    """d L = exp(L) sum(S * dS_next), off the critical path (it needs no carried value but dS_next)."""
+    acc = acc_dtype(dstate.dtype)  # the GPU build passes the stored (16-bit for bf16 inputs) dS_next
+    return exp(last) * total(state.astype(acc) * dstate.astype(acc), keepdims)
 
 
 def weight_gradients(u, du_tot, state, dstate, dot, dtype):

@@ -130,6 +130,12 @@ def _kernels(backend):
     return delta_tpu, delta_output_tpu
 
 
+def _gate_option(st):
+    """The GPU kernels' ``gated`` flag (False for the plain delta rule: no exps, no gate gradient); the TPU's
+    apply the zero gates."""
+    return dict(gated=st.gated) if st.backend == "triton" else {}
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _state_pass(w, u0, k_out, cum, h0, st: _entry.Static):
     """(states entering each chunk, corrected values U, final state) from the WY pieces: the sequential kernel."""
@@ -149,7 +155,7 @@ def _state_pass_bwd(st, residuals, cotangents):
     passes, _ = _kernels(st.backend)
     du0, dw, dk_out, dcum, dh0 = passes.dstates(
         w, k_out, cum, all_states, u, dall_states.astype(all_states.dtype), du.astype(u.dtype),
-        dfinal.astype(cum.dtype), config=st.config, interpret=st.interpret)
+        dfinal.astype(cum.dtype), config=st.config, interpret=st.interpret, **_gate_option(st))
     # d w, d k_out and d cum are partial sums over the dv blocks (leading axis).
     return (dw.sum(0).astype(w.dtype), du0.astype(w.dtype), dk_out.sum(0).astype(k_out.dtype),
             dcum.sum(0).astype(cum.dtype), dh0.astype(cum.dtype))
@@ -163,11 +169,6 @@ def _output(q, k, u, cum, all_states, st: _entry.Static):
     """Every chunk's output from its entering state and corrected values: the chunk-parallel kernel."""
     return _kernels(st.backend)[1].output(q, k, u, cum, all_states, config=st.config, interpret=st.interpret,
                                           **_gate_option(st))
-
-
-def _gate_option(st):
-    """The GPU output kernels' ``gated`` flag (False for the plain delta rule: no exps); the TPU's apply zeros."""
-    return dict(gated=st.gated) if st.backend == "triton" else {}
 
 
 def _output_fwd(q, k, u, cum, all_states, st):
