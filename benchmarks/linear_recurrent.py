@@ -66,6 +66,7 @@ _SCALAR, _VECTOR = scalar_config.GPU_DEFAULT, vector_gate_ops.GPU_DEFAULT
 SWEEP = {
     "scalar": {
         "two-pass-forward": dataclasses.replace(_SCALAR, fused_forward=False),
+        "fused-forward": dataclasses.replace(_SCALAR, fused_forward=True),
         "state-64x128": dataclasses.replace(_SCALAR, block_v=None),
         "chunk-128": dataclasses.replace(_SCALAR, chunk_size=128),
         "warps-8": dataclasses.replace(_SCALAR, num_warps=8),

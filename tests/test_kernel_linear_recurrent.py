@@ -64,8 +64,9 @@ def test_gpu_default_lowers_to_triton_kernels_on_a_cpu_only_machine():
     gate = jax.ShapeDtypeStruct((1, 256, 2), jnp.float32)
     attend = lambda q, k, v, g: chunked_scalar_gate_recurrence(q, k, v, log_gate=g, backend="triton")[0]
     f = jax.grad(lambda *a: attend(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2, 3))
-    # Fused forward with 4 warps; dS pass and gradients with 8 (the backward's launch settings).
-    assert kernel_helpers.triton_kernel_warps(f, q, q, q, gate) == [4, 8, 8]
+    # Two-pass forward (4 programs: too few for the fused walk) with 4 warps; dS pass and gradients with 8 (the
+    # backward's launch settings).
+    assert kernel_helpers.triton_kernel_warps(f, q, q, q, gate) == [4, 4, 8, 8]
 
 
 def test_tpu_default_lowers_to_mosaic_kernels_on_a_cpu_only_machine():
@@ -156,3 +157,18 @@ def test_unsupported_head_dims_and_shapes_raise_value_error():
 @pytest.mark.parametrize("name", ["simple_gla", "retention", "lightning"])
 def test_mechanism_pallas_implementation_matches_chunked_with_gqa(name):
     helpers.check_mechanism_pallas_matches_chunked(name)
+
+
+def test_gpu_default_fuses_the_forward_only_where_it_has_enough_programs():
+    # fused_forward=None: one sequential kernel when batch * heads * dv / block_v >= FUSED_MIN_PROGRAMS, else the
+    # state pass and the chunk-parallel output (two kernels). Lowered for an H100, nothing runs.
+    from kernels_pallas.linear_recurrent import config as config_lib
+
+    assert config_lib.GPU_DEFAULT.fused_forward is None
+    attend = lambda q, k, v, g: chunked_scalar_gate_recurrence(q, k, v, log_gate=g, backend="triton")[0]
+    kernels = {}
+    for batch in (1, config_lib.FUSED_MIN_PROGRAMS // 4):  # 2 heads, dv 128 = two blocks of 64: 4 programs a batch
+        q = jax.ShapeDtypeStruct((batch, 128, 2, 128), jnp.bfloat16)
+        gate = jax.ShapeDtypeStruct((batch, 128, 2), jnp.float32)
+        kernels[batch] = kernel_helpers.triton_kernels_lowered(attend, q, q, q, gate)
+    assert kernels == {1: 2, config_lib.FUSED_MIN_PROGRAMS // 4: 1}

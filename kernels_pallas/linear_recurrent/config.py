@@ -17,6 +17,7 @@ class ChunkConfig:
       fused_forward: False: a sequential state pass then a chunk-parallel output kernel (fla's layout). True: one
         sequential kernel per (batch, head, dv block) that computes outputs and states in the same walk (no state
         round trip through memory, but only batch * heads * dv / block_v programs); ``block_k`` is then unused.
+        None: fused when that gives at least ``FUSED_MIN_PROGRAMS`` programs, else the two passes.
       num_warps, num_stages: Triton launch settings (ignored on TPU and in interpret mode).
       num_warps_bwd, num_stages_bwd: those of the backward's kernels (the dS pass and the gradients); None: the
         forward's. On an H200 the forward was fastest with 4 warps and the backward with 8.
@@ -25,7 +26,7 @@ class ChunkConfig:
     chunk_size: int = 64
     block_k: int | None = None
     block_v: int | None = None
-    fused_forward: bool = False
+    fused_forward: bool | None = False
     num_warps: int = 4
     num_stages: int = 2
     num_warps_bwd: int | None = None
@@ -39,8 +40,8 @@ class ChunkConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < min_chunk or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two >= {min_chunk}, got {value!r}")
-        if not isinstance(self.fused_forward, bool):
-            raise ValueError(f"fused_forward must be a bool, got {self.fused_forward!r}")
+        if self.fused_forward is not None and not isinstance(self.fused_forward, bool):
+            raise ValueError(f"fused_forward must be a bool or None, got {self.fused_forward!r}")
         for name in ("num_warps", "num_stages", "num_warps_bwd", "num_stages_bwd"):
             value = getattr(self, name)
             if value is None and name.endswith("_bwd"):
@@ -61,8 +62,13 @@ class ChunkConfig:
 # check_scalar_gate_tilings_bwd_h200.txt), median M tokens/s forward / forward+backward: this (forward 4 warps and
 # 3 stages, backward 8 warps) 37.3 / 10.96; 8 warps and 3 stages for both (the former default) 33.7 / 10.65; 4 warps
 # and 3 stages for both 38.3 / 9.14; the two-pass forward with 4 warps and 2 stages 26.7 / 8.50.
-GPU_DEFAULT = ChunkConfig(chunk_size=64, block_k=64, block_v=64, fused_forward=True, num_warps=4, num_stages=3,
+# The fused forward only where it fills the GPU: H200, simple GLA, B1 S32768 H16 D128 bf16 (32 programs), the two
+# passes 34.5 / 11.1 M tokens/s against the fused 17.5 / 8.8; at B4 S8192 (128 programs) the fused is faster, as above
+# (benchmarks/results/linear_recurrent_h200_sweep_b1.json). Between 32 and 128 programs: not measured.
+GPU_DEFAULT = ChunkConfig(chunk_size=64, block_k=64, block_v=64, fused_forward=None, num_warps=4, num_stages=3,
                           num_warps_bwd=8)
+# Programs of the fused forward (batch * heads * dv / block_v) from which fused_forward=None picks it.
+FUSED_MIN_PROGRAMS = 128
 
 # TPU: the chunk axis is a lane axis of the gate row tile, so it must be a multiple of 128.
 TPU_DEFAULT = ChunkConfig(chunk_size=128, block_k=None, block_v=128)
