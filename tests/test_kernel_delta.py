@@ -85,9 +85,12 @@ def test_strong_decay_stays_finite_and_exact():
     _check_against_reference("triton", _case(2, 1, 40, 1, 16, 16, True, gate), DeltaConfig(chunk_size=32))
 
 
-def test_bfloat16_keeps_dtype_and_float32_state():
+@pytest.mark.parametrize("wy_operands", ["input", "float32"])
+def test_bfloat16_keeps_dtype_and_float32_state(wy_operands):
+    # The GPU build in the interpreter; "input": the fused WY kernels' dots on bf16 operands (the GPU default).
     q, k, v, beta, gate, h0, dout, dfinal = _case(4, 1, 33, 2, 16, 16, True, _mild_gate, dtype=jnp.bfloat16)
-    kernel = lambda *a, **kw: chunked_delta_recurrence(*a, interpret=True, **kw)
+    config = DeltaConfig(chunk_size=16, block_v=None, wy_operands=wy_operands)
+    kernel = lambda *a, **kw: chunked_delta_recurrence(*a, interpret=True, backend="triton", config=config, **kw)
     args = dict(q=q, k=k, v=v, beta=beta, log_gate=gate, initial_state=h0)
     out, final, names, vjp = helpers.run(kernel, **args)
     ref_out, ref_final, _, ref_vjp = helpers.run(_reference, **{n: helpers.f64(x) for n, x in args.items()})
@@ -119,6 +122,9 @@ BAD_ARGUMENTS = {
         "wy_backward_kernel"),
     "WY backward kernel not a bool": (dict(config=DeltaConfig(chunk_size=16, wy_backward_kernel=1)),
                                       "wy_backward_kernel"),
+    "WY operands neither input nor float32": (dict(config=DeltaConfig(chunk_size=16, wy_operands="bf16")),
+                                              "wy_operands"),
+    "gradient warps not positive": (dict(config=DeltaConfig(chunk_size=16, gradient_warps=0)), "gradient_warps"),
     **helpers.COMMON_BAD_ARGUMENTS,
 }
 

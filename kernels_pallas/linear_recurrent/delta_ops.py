@@ -187,7 +187,8 @@ _output.defvjp(_output_fwd, _output_bwd)
 
 def _gpu_settings(settings_type, config, interpret, dtype, **extra):
     """The GPU WY kernels' settings (``delta_inverse_gpu.Settings`` or ``FusedSettings``): 1-pass TF32 dots for
-    bf16/f16 inputs, whose w and u0 are rounded to 16 bits right after (TF32 keeps 11); 3-pass for float32."""
+    bf16/f16 inputs, whose w and u0 are rounded to 16 bits right after (TF32 keeps 11); 3-pass for float32. (The
+    fused kernels' dots outside the inversion: ``DeltaConfig.wy_operands``.)"""
     return settings_type(interpret=bool(interpret), tf32=jnp.dtype(dtype).itemsize < 4,
                          num_warps=config.num_warps, num_stages=config.num_stages, **extra)
 
