@@ -20,7 +20,12 @@ class Static:
     config: Any
     backend: str
     interpret: Any
-    gated: bool = True  # False: no gate at all (the scalar-gate GPU kernels then skip every exp)
+    gated: bool = True  # False: no gate at all (the GPU kernels then skip every exp)
+
+    def gate_option(self) -> dict:
+        """The GPU kernels' ``gated`` keyword (False: no exps, no gate gradient); the TPU kernels apply the zero
+        gates instead and take no such keyword."""
+        return dict(gated=self.gated) if self.backend == "triton" else {}
 
 
 def check_inputs(q, k, v, initial_state, per_step=()):

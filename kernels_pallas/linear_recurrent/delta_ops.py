@@ -130,12 +130,6 @@ def _kernels(backend):
     return delta_tpu, delta_output_tpu
 
 
-def _gate_option(st):
-    """The GPU kernels' ``gated`` flag (False for the plain delta rule: no exps, no gate gradient); the TPU's
-    apply the zero gates."""
-    return dict(gated=st.gated) if st.backend == "triton" else {}
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _state_pass(w, u0, k_out, cum, h0, st: _entry.Static):
     """(states entering each chunk, corrected values U, final state) from the WY pieces: the sequential kernel."""
@@ -155,7 +149,7 @@ def _state_pass_bwd(st, residuals, cotangents):
     passes, _ = _kernels(st.backend)
     du0, dw, dk_out, dcum, dh0 = passes.dstates(
         w, k_out, cum, all_states, u, dall_states.astype(all_states.dtype), du.astype(u.dtype),
-        dfinal.astype(cum.dtype), config=st.config, interpret=st.interpret, **_gate_option(st))
+        dfinal.astype(cum.dtype), config=st.config, interpret=st.interpret, **st.gate_option())
     # d w, d k_out and d cum are partial sums over the dv blocks (leading axis).
     return (dw.sum(0).astype(w.dtype), du0.astype(w.dtype), dk_out.sum(0).astype(k_out.dtype),
             dcum.sum(0).astype(cum.dtype), dh0.astype(cum.dtype))
@@ -168,7 +162,7 @@ _state_pass.defvjp(_state_pass_fwd, _state_pass_bwd)
 def _output(q, k, u, cum, all_states, st: _entry.Static):
     """Every chunk's output from its entering state and corrected values: the chunk-parallel kernel."""
     return _kernels(st.backend)[1].output(q, k, u, cum, all_states, config=st.config, interpret=st.interpret,
-                                          **_gate_option(st))
+                                          **st.gate_option())
 
 
 def _output_fwd(q, k, u, cum, all_states, st):
@@ -178,7 +172,7 @@ def _output_fwd(q, k, u, cum, all_states, st):
 def _output_bwd(st, residuals, dout):
     q, k, u, cum, all_states = residuals
     grads = _kernels(st.backend)[1].output_gradients(q, k, u, dout.astype(q.dtype), cum, all_states,
-                                                     config=st.config, interpret=st.interpret, **_gate_option(st))
+                                                     config=st.config, interpret=st.interpret, **st.gate_option())
     return tuple(g.astype(x.dtype) for g, x in zip(grads, residuals))
 
 

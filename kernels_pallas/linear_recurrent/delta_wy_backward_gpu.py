@@ -44,7 +44,7 @@ def _backward_kernel(k_ref, v_ref, beta_ref, cum_ref, t_ref, u0_bar_ref, w_bar_r
     acc = acc_dtype(k_ref.dtype)  # float32 (float64 in interpret mode); inputs and cotangents may be 16-bit
     k, v, beta, cum, t = k_ref[...].astype(acc), v_ref[...].astype(acc), beta_ref[...], cum_ref[...], t_ref[...]
     dot = settings.operand_dot(acc)
-    u0_bar, w_bar = u0_bar_ref[...].astype(acc), w_bar_ref[...].astype(acc)
+    u0_bar, w_bar = u0_bar_ref[...], w_bar_ref[...]  # dot operands only: ``dot`` casts them
     k_scale = beta * exp(cum)  # cum <= 0: exp(cum) <= 1
     t_transposed = t.T  # once, for the three products with T^T
 

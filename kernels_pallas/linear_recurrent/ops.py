@@ -26,15 +26,10 @@ def _kernels(backend):
     return forward, states, backward
 
 
-def _gate_option(st):
-    """The GPU kernels' ``gated`` flag (False: no exps at all); the TPU kernels apply the gates, zeros when none."""
-    return dict(gated=st.gated) if st.backend == "triton" else {}
-
-
 def _forward(q, k, v, cum, h0, st, save_states):
     """(out, final state, states entering each chunk or None)."""
     forward, states, _ = _kernels(st.backend)
-    options = dict(config=st.config, interpret=st.interpret, **_gate_option(st))
+    options = dict(config=st.config, interpret=st.interpret, **st.gate_option())
     if st.config.fused_forward:
         return forward.fused(q, k, v, cum, h0, save_states=save_states, **options)
     entering, final = states.states(k, v, cum, h0, **options)
@@ -57,7 +52,7 @@ def _recurrence_bwd(st, residuals, cotangents):
     q, k, v, cum, entering = residuals  # h0 has cum's dtype (the accumulation dtype)
     dout, dfinal = cotangents
     _, states, backward = _kernels(st.backend)
-    options = dict(config=st.config.backward(), interpret=st.interpret, **_gate_option(st))
+    options = dict(config=st.config.backward(), interpret=st.interpret, **st.gate_option())
     dleaving, dh0 = states.dstates(q, dout.astype(q.dtype), cum, dfinal.astype(cum.dtype), **options)
     dq, dk, dv, dcum = backward.gradients(q, k, v, dout.astype(q.dtype), cum, entering, dleaving, **options)
     return dq, dk, dv, dcum.astype(cum.dtype), dh0.astype(cum.dtype)
