@@ -17,7 +17,8 @@ Run on the GPU machine from the repository root: ``PYTHONPATH=. python benchmark
    for comparison.
 Everything printed also goes to $OUT/check_delta_kernel.txt ($OUT defaults to /tmp). Time-boxed to
 DELTA_BUDGET_S (default 150 s): the bf16 check, then 2., then the other checks, then 3., as far as it reaches.
-``--smoke``: tiny shapes in Pallas' interpreter (a CPU dry run of the script itself).
+``--smoke``: tiny shapes in Pallas' interpreter (a CPU dry run of the script itself). ``--checks-only``: the bf16
+checks of 1. alone, gated and plain.
 """
 
 from __future__ import annotations
@@ -193,6 +194,9 @@ def run_checks(cases):
 
 def main():
     log("devices:", jax.devices(), "jax", jax.__version__)
+    if "--checks-only" in sys.argv:  # the bf16 checks alone, gated and plain (float32's compile takes minutes)
+        run_checks(((jnp.bfloat16, True), (jnp.bfloat16, False)))
+        return
     # The bf16 check, the timings of the preparation, then the other checks: the budget stops what is left.
     run_checks(((jnp.bfloat16, True),))
     chunk = 16 if SMOKE else GPU_DEFAULT.chunk_size  # the interpreter's smallest tile keeps --smoke quick

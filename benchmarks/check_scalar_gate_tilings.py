@@ -31,14 +31,13 @@ TILINGS = {
                                                              num_warps_bwd=8, num_stages_bwd=2),
 }
 
-# The delta rule's GPU default (the backward's chunk-parallel kernels at 8 warps, the rest at 4; bf16 operands in
-# the WY kernels' dots; 64 value columns per program of the state passes and the output) against 4 warps
-# everywhere and other value blocks (profile_fla.py --tilings shows which kernels gain).
+# The delta rule's GPU default against other blocks of its kernels' tiles (profile_fla.py --tilings shows which
+# kernels gain): the WY kernels' column blocks, the state passes' row blocks, the output's value block.
 DELTA_TILINGS = {
     "default": lr.delta_ops.GPU_DEFAULT,
-    "gradient warps 4": dataclasses.replace(lr.delta_ops.GPU_DEFAULT, gradient_warps=None),
-    "block_v 32": dataclasses.replace(lr.delta_ops.GPU_DEFAULT, block_v=32),
-    "block_v 128": dataclasses.replace(lr.delta_ops.GPU_DEFAULT, block_v=128),
+    "WY forward whole tiles": dataclasses.replace(lr.delta_ops.GPU_DEFAULT, wy_column_block=128),
+    "WY backward whole tiles": dataclasses.replace(lr.delta_ops.GPU_DEFAULT, wy_backward_column_block=None),
+    "output block 64": dataclasses.replace(lr.delta_ops.GPU_DEFAULT, output_block_v=64),
 }
 
 

@@ -11,9 +11,11 @@ per head and step, the delta-rule kernel; fla's chunk_delta_rule; the "gate" slo
 "gated_delta_rule" (the same plus a scalar log gate per head and step; the gate slot carries (beta, log gate);
 fla's chunk_gated_delta_rule). Shapes B4 S8192 H16 D128 and B1 S32768 H16 D128, bfloat16, forward and
 forward+backward (gradients of q, k, v and the gates or beta, for fla too). Tokens/s = B * S / median seconds per
-call.
+call, calls queued back to back in batches of 10 and waited for once per batch (``timed``; since 2026-12-03, before
+that each call was waited for alone, which added the JAX calls' ~0.35 ms of host dispatch to every call: see
+profile_fla.py --timeline).
 
-Peak memory: for fla, torch.cuda.max_memory_allocated over the timed calls (after a reset); for the JAX paths, the
+Peak memory: for fla, torch.cuda.max_memory_allocated over one call after the timed ones; for the JAX paths, the
 compiled executable's arguments + outputs + temporaries (XLA's memory analysis), since JAX has no per-call peak
 reset. Each case also records the relative error of the outputs against XLA's chunked form (float32 maths).
 Writes $OUT/linear_recurrent.json after every case and $OUT/linear_recurrent.md at the end.
@@ -140,15 +142,20 @@ def inputs(key, b, s, h, d, variant):
     return q, k, v, gate, dout
 
 
-def timed(fn, sync, min_time=1.0, max_iters=100):
-    """Median seconds per call after two warm-up calls; ``sync`` waits for a result."""
+def timed(fn, sync, min_time=1.0, max_batches=20, batch=10):
+    """Median seconds per call over batches of ``batch`` calls queued back to back and waited for once (after two
+    warm-up calls): the device's throughput, the host's dispatch overlapping its work as in a training loop (and
+    as triton.testing.do_bench times); ``sync`` waits for a result. Each call's result is dropped when the next
+    one is queued, so memory stays that of one call."""
     sync(fn())
     sync(fn())
     times, start = [], time.perf_counter()
-    while len(times) < 5 or (time.perf_counter() - start < min_time and len(times) < max_iters):
+    while len(times) < 5 or (time.perf_counter() - start < min_time and len(times) < max_batches):
         t0 = time.perf_counter()
-        sync(fn())
-        times.append(time.perf_counter() - t0)
+        for _ in range(batch):
+            result = fn()
+        sync(result)
+        times.append((time.perf_counter() - t0) / batch)
     return statistics.median(times)
 
 
@@ -249,8 +256,9 @@ def run_fla(fla, variant, mode, q, k, v, gate, dout):
     import torch
 
     run = fla_call(fla, variant, mode, q, k, v, gate, dout)
-    torch.cuda.reset_peak_memory_stats()
     seconds = timed(run, lambda _: torch.cuda.synchronize())
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()  # the peak of one call
     out = run()
     torch.cuda.synchronize()
     return seconds, int(torch.cuda.max_memory_allocated()), jnp.asarray(np.asarray(out.detach().float().cpu()))

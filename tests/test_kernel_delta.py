@@ -55,6 +55,10 @@ def _check_against_reference(backend, case, config, tol=1e-4):
 GPU_CASES = {
     # Gated; dk 8 / dv 12 are padded to 16; three chunks, the last one partial.
     "gated-odd-length-initial-state": ((1, 37, 2, 8, 12, True, _mild_gate), DeltaConfig(chunk_size=16)),
+    # Plain; the output kernel's and the WY kernels' 32 columns in two blocks.
+    "plain-split-tiles": ((1, 21, 1, 32, 32, True, None),
+                          DeltaConfig(chunk_size=16, block_v=None, output_block_v=16, wy_column_block=16,
+                                      wy_backward_column_block=16)),
 }
 
 
@@ -125,6 +129,9 @@ BAD_ARGUMENTS = {
     "WY operands neither input nor float32": (dict(config=DeltaConfig(chunk_size=16, wy_operands="bf16")),
                                               "wy_operands"),
     "gradient warps not positive": (dict(config=DeltaConfig(chunk_size=16, gradient_warps=0)), "gradient_warps"),
+    "WY column block not a power of two": (dict(config=DeltaConfig(chunk_size=16, wy_column_block=48)),
+                                           "wy_column_block"),
+    "output block not a power of two": (dict(config=DeltaConfig(chunk_size=16, output_block_v=24)), "output_block_v"),
     **helpers.COMMON_BAD_ARGUMENTS,
 }
 

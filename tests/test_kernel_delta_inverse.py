@@ -8,6 +8,8 @@ against the inverse kernel applied by XLA matmuls (``fused_wy=False``); its back
 each of them against the unfused path.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -93,8 +95,9 @@ def test_wy_prepare_with_the_kernel_matches_the_triangular_solve_path():
         assert rel_err(got, ref) < 1e-12, name
 
 
-def _kernel_fused(k, v, beta, cum, kernel_backward=False):
-    settings = delta_inverse_gpu.FusedSettings(interpret=True, kernel_backward=kernel_backward)
+def _kernel_fused(k, v, beta, cum, kernel_backward=False, column_block=64, backward_column_block=None):
+    settings = delta_inverse_gpu.FusedSettings(interpret=True, kernel_backward=kernel_backward,
+                                               column_block=column_block, backward_column_block=backward_column_block)
     return delta_inverse_gpu.fused_prepare(k, v, beta, cum, settings)
 
 
@@ -105,10 +108,12 @@ def _heads_first_chunks(seed, chunk, dk, dv):
     return k, v, beta, cum
 
 
-def test_fused_prepare_matches_the_triangular_solve_path():
+@pytest.mark.parametrize("column_block", [64, 16])
+def test_fused_prepare_matches_the_triangular_solve_path(column_block):
     # The fused kernel (A, T and T applied in one kernel, DeltaConfig.fused_wy), k and v in the caller's
     # [b, s, h, d] layout: u0, w, k_out and the gradients of k, v, beta, cum (its custom VJP) against autodiff of
-    # wy_prepare's triangular solve on heads-first chunks, float64, C = 32, two heads.
+    # wy_prepare's triangular solve on heads-first chunks, float64, C = 32, two heads. Column blocks of 16: v's
+    # 32 columns in two.
     k, v, beta, cum = _heads_first_chunks(5, 32, 16, 32)
     keys = jax.random.split(jax.random.key(6), 3)
     shapes = (v.shape, k.shape, k.shape)  # u0, w, k_out
@@ -121,7 +126,7 @@ def test_fused_prepare_matches_the_triangular_solve_path():
         return tuple(map(seq, outs)), (seq(dk), seq(dv), dbeta, dcum)
 
     def fused():
-        outs, vjp = jax.vjp(_kernel_fused, seq(k), seq(v), beta, cum)
+        outs, vjp = jax.vjp(functools.partial(_kernel_fused, column_block=column_block), seq(k), seq(v), beta, cum)
         return outs, vjp(tuple(map(seq, cotangents)))
 
     outs, grads = jax.jit(fused)()
@@ -131,17 +136,20 @@ def test_fused_prepare_matches_the_triangular_solve_path():
         assert rel_err(got, ref) < 1e-12, name
 
 
-def test_wy_backward_kernel_matches_the_xla_backward():
+@pytest.mark.parametrize("column_block,dk,dv", [(None, 16, 32), (16, 32, 16)])
+def test_wy_backward_kernel_matches_the_xla_backward(column_block, dk, dv):
     # delta_wy_backward_gpu (FusedSettings.kernel_backward) against _fused_bwd's XLA code on the same residuals and
-    # cotangents, float64: two heads of two chunks of 32, dk 16 != dv 32, beta in (0, 2), the last chunk's gates
-    # ~-30 every other step (exponents down to ~-500: exp(c_t - c_s) with s > t would overflow).
-    k, v, beta, cum = _heads_first_chunks(8, 32, 16, 32)
+    # cotangents, float64: two heads of two chunks of 32, dk != dv, beta in (0, 2), the last chunk's gates ~-30
+    # every other step (exponents down to ~-500: exp(c_t - c_s) with s > t would overflow). Whole tiles, or
+    # column blocks of 16 (the wider of k and v in two).
+    k, v, beta, cum = _heads_first_chunks(8, 32, dk, dv)
     k, v, beta = delta_chunk.from_chunks(k), delta_chunk.from_chunks(v), 2.0 * beta
     keys = jax.random.split(jax.random.key(9), 3)
     cotangents = tuple(jax.random.normal(key, x.shape, jnp.float64) for key, x in zip(keys, (v, k, k)))
 
     def gradients(kernel_backward):
-        return jax.vjp(lambda *xs: _kernel_fused(*xs, kernel_backward=kernel_backward), k, v, beta, cum)[1](
+        fused = functools.partial(_kernel_fused, kernel_backward=kernel_backward, backward_column_block=column_block)
+        return jax.vjp(fused, k, v, beta, cum)[1](
             cotangents)
 
     got = jax.jit(lambda: gradients(True))()

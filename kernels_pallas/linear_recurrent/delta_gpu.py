@@ -34,20 +34,23 @@ from kernels_pallas.linear_recurrent.gpu_forward import (acc_dtype, chunk_specs,
                                                           seq_spec)
 
 
-def _chunk_last(cum_ref, rows, is_last):
-    """The chunk's total log gate (its last inclusive cumulative value) as a scalar."""
-    return jnp.sum(jnp.where(is_last, cum_ref[rows], 0.0))
+def _chunk_last(cum_ref, start, chunk, gated=True):
+    """The total log gate of the chunk from ``start`` (its last inclusive cumulative value) as a scalar, loaded
+    alone (no reduction across the chunk's tile); None without a gate."""
+    return jnp.sum(cum_ref[pl.ds(start + chunk - 1, 1)]) if gated else None
 
 
-def _states_kernel(w_ref, u0_ref, kout_ref, cum_ref, h0_ref, states_ref, u_ref, final_ref, *, chunk, n_chunks):
+def _states_kernel(w_ref, u0_ref, kout_ref, cum_ref, h0_ref, states_ref, u_ref, final_ref, *, chunk, n_chunks,
+                   gated):
     dot = make_dot(w_ref.dtype)
-    _, is_last = chunk_tiles(chunk)
 
     def body(n, state):
         rows = pl.ds(n * chunk, chunk)
+        # Every load before the first store: the compiler may not move a load past a store to another buffer.
+        w, u0, k_out = w_ref[rows, :], u0_ref[rows, :], kout_ref[rows, :]
+        last = _chunk_last(cum_ref, n * chunk, chunk, gated)
         states_ref[n] = state.astype(states_ref.dtype)
-        u, state = delta_math.advance(w_ref[rows, :], u0_ref[rows, :], kout_ref[rows, :],
-                                      _chunk_last(cum_ref, rows, is_last), state, dot)
+        u, state = delta_math.advance(w, u0, k_out, last, state, dot)
         u_ref[rows, :] = u.astype(u_ref.dtype)
         return state
 
@@ -64,16 +67,17 @@ def _specs(s, dk, bv, n_chunks):
     return seq_k, seq_v, gates, state, all_states
 
 
-def states(w, u0, k_out, cum, h0, *, config, interpret):
+def states(w, u0, k_out, cum, h0, *, config, interpret, gated=True):
     """w/k_out [b, s, h, dk], u0 [b, s, h, dv], cum [b, h, s], h0 [b, h, dk, dv] (acc dtype) ->
-    (states entering each chunk [b, h, n, dk, dv] and U like u0, both in w's dtype; final state like h0)."""
+    (states entering each chunk [b, h, n, dk, dv] and U like u0, both in w's dtype; final state like h0).
+    ``gated=False``: no gate (cum is not read)."""
     b, s, h, dk = w.shape
     dv = u0.shape[-1]
     chunk, bv = config.chunk_size, config.block_v
     n_chunks = s // chunk
     seq_k, seq_v, gates, state, all_states = _specs(s, dk, bv, n_chunks)
     return pl.pallas_call(
-        functools.partial(_states_kernel, chunk=chunk, n_chunks=n_chunks),
+        functools.partial(_states_kernel, chunk=chunk, n_chunks=n_chunks, gated=gated),
         grid=(b, h, dv // bv),
         in_specs=[seq_k, seq_v, seq_k, gates, state],
         out_specs=[all_states, seq_v, state],
@@ -86,19 +90,20 @@ def states(w, u0, k_out, cum, h0, *, config, interpret):
 
 
 def _dstates_kernel(w_ref, kout_ref, cum_ref, du_ref, dstates_ref, dfinal_ref, du0_ref, dleaving_ref, dh0_ref, *,
-                    chunk, n_chunks):
+                    chunk, n_chunks, gated):
     dot = make_dot(w_ref.dtype)
-    _, is_last = chunk_tiles(chunk)
 
     def body(i, dstate):
         n = n_chunks - 1 - i
         rows = pl.ds(n * chunk, chunk)
+        # Every load before the first store (as in ``states``), the output step's dS too.
+        w, k_out, du, dstate_out = w_ref[rows, :], kout_ref[rows, :], du_ref[rows, :], dstates_ref[n]
+        last = _chunk_last(cum_ref, n * chunk, chunk, gated)
         # In w's dtype like the stored states: the weights kernel's dots cast their operands to it anyway.
         dleaving_ref[n] = dstate.astype(dleaving_ref.dtype)
-        du_tot, dprev = delta_math.retreat_state(w_ref[rows, :], kout_ref[rows, :], du_ref[rows, :],
-                                                 _chunk_last(cum_ref, rows, is_last), dstate, dot)
+        du_tot, dprev = delta_math.retreat_state(w, k_out, du, last, dstate, dot)
         du0_ref[rows, :] = du_tot.astype(du0_ref.dtype)
-        return dprev + dstates_ref[n].astype(dprev.dtype)
+        return dprev + dstate_out.astype(dprev.dtype)
 
     dh0_ref[...] = lax.fori_loop(0, n_chunks, body, dfinal_ref[...].astype(dh0_ref.dtype))
 
@@ -111,7 +116,7 @@ def _weights_kernel(u_ref, du0_ref, state_ref, dleaving_ref, cum_ref, dw_ref, dk
     dkout_ref[...] = dk_out.astype(dkout_ref.dtype)
     if gated:  # the chunk's total log gate's gradient, at its last row (the layout of the cum input)
         _, is_last = chunk_tiles(dcum_ref.shape[0])
-        last = _chunk_last(cum_ref, slice(None), is_last)
+        last = _chunk_last(cum_ref, 0, dcum_ref.shape[0])
         dlast = delta_math.gate_gradient(last, state, dleaving, keepdims=False)
         dcum_ref[...] = jnp.where(is_last, dlast, 0.0).astype(dcum_ref.dtype)
     else:
@@ -130,7 +135,7 @@ def dstates(w, k_out, cum, all_states, u, dall_states, du, dfinal, *, config, in
     n_chunks, n_v = s // chunk, dv // bv
     seq_k, seq_v, gates, state, all_states_spec = _specs(s, dk, bv, n_chunks)
     du0, dleaving, dh0 = pl.pallas_call(
-        functools.partial(_dstates_kernel, chunk=chunk, n_chunks=n_chunks),
+        functools.partial(_dstates_kernel, chunk=chunk, n_chunks=n_chunks, gated=gated),
         grid=(b, h, n_v),
         in_specs=[seq_k, seq_k, gates, seq_v, all_states_spec, state],
         out_specs=[seq_v, all_states_spec, state],

@@ -41,9 +41,14 @@ def total(x, keepdims):
 
 
 def advance(w, u0, k_out, last, state, dot):
-    """-> (U [C, bv], state leaving the chunk [dk, bv]), both in the accumulation dtype."""
+    """-> (U [C, bv], state leaving the chunk [dk, bv]), both in the accumulation dtype; ``last`` None: no gate."""
     u = u0.astype(state.dtype) - dot(w, state.astype(w.dtype))
-    return u, exp(last) * state + dot(k_out, u.astype(k_out.dtype), trans_a=True)
+    return u, decay(last, state) + dot(k_out, u.astype(k_out.dtype), trans_a=True)
+
+
+def decay(last, state):
+    """exp(L) S, or S itself when ``last`` is None (no gate: no exp, no product)."""
+    return state if last is None else exp(last) * state
 
 
 def retreat(w, k_out, u, du, last, state, dstate, dot, keepdims):
@@ -62,7 +67,7 @@ def retreat_state(w, k_out, du, last, dstate, dot):
     acc = dstate.dtype
     dtype = w.dtype
     du_tot = du.astype(acc) + dot(k_out, dstate.astype(dtype))
-    dprev = exp(last) * dstate - dot(w, du_tot.astype(dtype), trans_a=True)
+    dprev = decay(last, dstate) - dot(w, du_tot.astype(dtype), trans_a=True)
     return du_tot, dprev
 
 

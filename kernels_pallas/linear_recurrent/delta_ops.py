@@ -38,12 +38,12 @@ class DeltaConfig:
         dv); the rows (dk) are never split, since the correction ``w S`` contracts them. Smaller blocks give more
         programs. The output's gradient kernel takes whole heads.
       num_warps, num_stages: Triton launch settings (ignored on TPU and in interpret mode).
-      gradient_warps: Triton warps of the backward's chunk-parallel kernels (the WY preparation's backward and the
-        gated rule's output-step gradients), which hold many [C, C] and [C, d] float32 tiles at once; None =
-        num_warps. H200, B4 S8192 H16 D128 bf16, kernel ms at 4 / 8 warps (``benchmarks/results/
-        profile_delta_warps_h200.txt``): WY backward 1.055 / 0.858, gated output gradients 1.074 / 0.860, but the
-        plain rule's (no exps) 0.565 / 0.622 and the WY forward 0.705 / 1.340 (those stay at num_warps), the
-        sequential passes slower at 8 too (below).
+      gradient_warps: Triton warps of the gated rule's output-step gradients, which hold many [C, C] and [C, d]
+        float32 tiles at once; None = num_warps. H200, B4 S8192 H16 D128 bf16, kernel ms at 4 / 8 warps
+        (``benchmarks/results/profile_delta_warps_h200.txt``): 1.074 / 0.860, but the plain rule's (no exps)
+        0.565 / 0.622 and the WY forward 0.705 / 1.340 (those stay at num_warps), the sequential passes slower at
+        8 too (below). The WY backward, by column blocks of 64 since 2026-12-03, is fastest at num_warps: 0.52 ms
+        at 4 against 0.89 at 8 (whole tiles 0.87 at 8, 1.06 at 4; ``profile_delta_tilings_h200.txt``).
       explicit_inverse: the WY preparation's T = (I + A)^-1 from the Pallas kernel ``delta_inverse_gpu`` (Triton
         only) and two matmuls (True), or XLA's batched triangular solve (False); None = by backend (Triton: True).
       fused_wy: the whole WY preparation (A, T and T applied: u0, w) in one Pallas kernel,
@@ -60,6 +60,14 @@ class DeltaConfig:
         are float32): "input" (q's dtype: bf16 tensor-core dots for bf16 inputs, fla's choice; the products are
         rounded to bf16 soon after anyway) or "float32" (TF32 dots on float32 operands: 1-pass for 16-bit inputs,
         3-pass for float32). The same for float32 inputs.
+      output_block_v: value columns per program of the GPU build's output kernel (None = all of dv), apart from
+        the state passes' block_v.
+      wy_column_block: the columns of a [C, d] tile that the fused WY forward kernel loads, multiplies by T and
+        stores at a time (``gpu_forward.column_blocks``; >= d: whole tiles). H200, B4 S8192 H16 D128 bf16: 0.64 ms
+        at 64 against 0.71 whole (the backward, whole tiles, measured 0.88 -> 0.94 ms by column blocks of 64 and
+        1.38 by 32; ``benchmarks/results/profile_delta_tilings_h200.txt``).
+      wy_backward_column_block: the same for the WY backward kernel (its [C, C] products summed over the blocks);
+        None = whole tiles.
     """
 
     chunk_size: int = 64
@@ -71,12 +79,16 @@ class DeltaConfig:
     wy_backward_kernel: bool | None = None
     gradient_warps: int | None = None
     wy_operands: str = "input"
+    wy_column_block: int = 64
+    wy_backward_column_block: int | None = None
+    output_block_v: int | None = None
 
     def validate(self, min_tile: int) -> None:
-        """Raises ValueError unless chunk_size and block_v are powers of two >= ``min_tile`` (block_v may be None)."""
-        for name in ("chunk_size", "block_v"):
+        """Raises ValueError unless chunk_size and the blocks are powers of two >= ``min_tile`` (or None where
+        allowed) and the launch settings positive integers."""
+        for name in ("chunk_size", "block_v", "output_block_v", "wy_column_block", "wy_backward_column_block"):
             value = getattr(self, name)
-            if value is None and name == "block_v":
+            if value is None and name in ("block_v", "output_block_v", "wy_backward_column_block"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < min_tile or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two >= {min_tile}, got {value!r}")
@@ -99,7 +111,7 @@ class DeltaConfig:
                              "True or None, got False")
 
     def warps(self, gradients: bool) -> int:
-        """Triton warps of the backward's chunk-parallel kernels (gradients=True) or of every other kernel."""
+        """Triton warps of the gated output-step gradients (gradients=True) or of every other kernel."""
         return self.gradient_warps if gradients and self.gradient_warps is not None else self.num_warps
 
 
@@ -109,8 +121,11 @@ class DeltaConfig:
 # 2.83 / 8.07.
 # The chunk-parallel kernels at 8 warps, the WY forward included, measured slower: 12.3 / 4.77 M tokens/s forward /
 # forward+backward against 16.5 / 5.29 with 4 (check_delta_tilings_h200.txt); only the gradients' gain
-# (gradient_warps).
-GPU_DEFAULT = DeltaConfig(chunk_size=64, block_v=64, num_warps=4, num_stages=3, gradient_warps=8)
+# (gradient_warps). The WY kernels by column blocks of 64 (wy_column_block, wy_backward_column_block), the output
+# by whole heads (output_block_v None): H200, B4 S8192 H16 D128 bf16, kernel ms (profile_delta_tilings_h200.txt):
+# WY forward 0.64 against 0.71 whole, WY backward 0.52 against 0.87, output 0.22 against 0.29 by 64 columns.
+GPU_DEFAULT = DeltaConfig(chunk_size=64, block_v=64, num_warps=4, num_stages=3, gradient_warps=8,
+                          wy_backward_column_block=64)
 # TPU: chunk rows are sublanes; the state block takes all of dv (lanes).
 TPU_DEFAULT = DeltaConfig(chunk_size=128, block_v=None)
 # CPU interpret mode (tests): small chunks so that short inputs take several (16: the GPU build's smallest tile).
@@ -139,7 +154,8 @@ def _state_pass(w, u0, k_out, cum, h0, st: _entry.Static):
 
 def _state_pass_fwd(w, u0, k_out, cum, h0, st):
     passes, _ = _kernels(st.backend)
-    all_states, u, final = passes.states(w, u0, k_out, cum, h0, config=st.config, interpret=st.interpret)
+    all_states, u, final = passes.states(w, u0, k_out, cum, h0, config=st.config, interpret=st.interpret,
+                                         **st.gate_option())
     return (all_states, u, final), (w, k_out, cum, all_states, u)
 
 
@@ -228,7 +244,8 @@ def wy_options(config, backend, interpret, dtype):
     narrow = config.wy_operands == "input" and jnp.dtype(dtype).itemsize < 4
     settings = _gpu_settings(delta_inverse_gpu.FusedSettings, config, interpret, dtype,
                              out_dtype=jnp.dtype(dtype).name, kernel_backward=config.wy_backward_kernel is not False,
-                             backward_warps=config.warps(gradients=True),
+                             column_block=config.wy_column_block,
+                             backward_column_block=config.wy_backward_column_block,
                              operand_dtype=jnp.dtype(dtype).name if narrow else None)
 
     def fused(k, v, beta, cum):
@@ -287,7 +304,7 @@ def chunked_delta_recurrence(
     dv = v.shape[3]
     # dk is never split (the correction w S contracts it): only block_v tiles the state.
     dk_pad, dv_pad = _entry.padded_head_dims(dk, dv, backend)
-    config = _entry.fill_blocks(config, {"block_v": dv_pad})
+    config = _entry.fill_blocks(config, {"block_v": dv_pad, "output_block_v": dv_pad})
     chunk = config.chunk_size
     s_pad = _entry.padded_length(s, chunk)
     acc = c.compute_dtype(q.dtype)

@@ -37,47 +37,67 @@ from jax.experimental.pallas import triton as plgpu
 from kernels_pallas.linear_recurrent import delta_chunk
 from kernels_pallas.linear_recurrent.chunk_math import acc_dtype, exp
 from kernels_pallas.linear_recurrent.delta_inverse_gpu import chunk_last, fused_specs
+from kernels_pallas.linear_recurrent.gpu_forward import column_blocks
 
 
 def _backward_kernel(k_ref, v_ref, beta_ref, cum_ref, t_ref, u0_bar_ref, w_bar_ref, k_out_bar_ref,
                      k_bar_ref, v_bar_ref, beta_bar_ref, cum_bar_ref, *, settings):
     acc = acc_dtype(k_ref.dtype)  # float32 (float64 in interpret mode); inputs and cotangents may be 16-bit
-    k, v, beta, cum, t = k_ref[...].astype(acc), v_ref[...].astype(acc), beta_ref[...], cum_ref[...], t_ref[...]
-    dot = settings.operand_dot(acc)
-    u0_bar, w_bar = u0_bar_ref[...], w_bar_ref[...]  # dot operands only: ``dot`` casts them
-    k_scale = beta * exp(cum)  # cum <= 0: exp(cum) <= 1
+    beta, cum = beta_ref[...], cum_ref[...]
+    t = t_ref[...]
     t_transposed = t.T  # once, for the three products with T^T
+    dot = settings.operand_dot(acc)  # casts its operands: 16-bit refs are read as they are
+    k_scale = beta * exp(cum)  # cum <= 0: exp(cum) <= 1
+    value_blocks = column_blocks(v_ref.shape[1], settings.backward_column_block)
+    key_blocks = column_blocks(k_ref.shape[1], settings.backward_column_block)
 
-    t_bar = dot(u0_bar, beta[:, None] * v, trans_b=True) + dot(w_bar, k_scale[:, None] * k, trans_b=True)
-    x_v_bar, x_k_bar = dot(t_transposed, u0_bar), dot(t_transposed, w_bar)
-    steps = jnp.arange(t.shape[0])
+    # The [C, C] pieces; their products sum over the column blocks.
+    t_bar = _sum([dot(u0_bar_ref[:, cols], beta[:, None] * v_ref[:, cols].astype(acc), trans_b=True)
+                  for cols in value_blocks]
+                 + [dot(w_bar_ref[:, cols], k_scale[:, None] * k_ref[:, cols].astype(acc), trans_b=True)
+                    for cols in key_blocks])
+    gram = _sum([dot(k_ref[:, cols], k_ref[:, cols], trans_b=True) for cols in key_blocks])
+    steps = jnp.arange(t_transposed.shape[0])
     a_bar = jnp.where(steps[:, None] > steps[None, :], -dot(dot(t_transposed, t_bar), t, trans_b=True), 0.0)
-
-    gram = dot(k, k, trans_b=True)
     decayed_a_bar = delta_chunk.decay_matrix(cum, inclusive=False) * a_bar  # that of beta_t G_ts
     g_bar = beta[:, None] * decayed_a_bar
     a_times_a_bar = g_bar * gram  # A * A_bar: A_ts's part of c_bar_t (+) and of c_bar_s (-)
-    k_dot_x_k_bar = jnp.sum(k * x_k_bar, axis=1)
-    decay_out = exp(chunk_last(cum) - cum)  # e_t
-    k_out_bar = decay_out[:, None] * k_out_bar_ref[...].astype(acc)
-    f = jnp.sum(k * k_out_bar, axis=1)
+    g_sym = g_bar + g_bar.T
+    beta_bar = jnp.sum(decayed_a_bar * gram, axis=1)
 
-    k_bar = dot(g_bar + g_bar.T, k) + k_scale[:, None] * x_k_bar + k_out_bar
-    k_bar_ref[...] = k_bar.astype(k_bar_ref.dtype)
-    v_bar_ref[...] = (beta[:, None] * x_v_bar).astype(v_bar_ref.dtype)
-    beta_bar = (jnp.sum(decayed_a_bar * gram, axis=1) + jnp.sum(v * x_v_bar, axis=1)
-                + exp(cum) * k_dot_x_k_bar)
-    beta_bar_ref[...] = beta_bar.astype(beta_bar_ref.dtype)
+    # The [C, d] pieces, a column block at a time.
+    for cols in value_blocks:
+        x_v_bar = dot(t_transposed, u0_bar_ref[:, cols])
+        v_bar_ref[:, cols] = (beta[:, None] * x_v_bar).astype(v_bar_ref.dtype)
+        beta_bar += jnp.sum(v_ref[:, cols].astype(acc) * x_v_bar, axis=1)
+    decay_out = exp(chunk_last(cum) - cum)  # e_t
+    k_dot_x_k_bar = f = jnp.zeros(cum.shape, acc)
+    for cols in key_blocks:
+        k = k_ref[:, cols].astype(acc)
+        x_k_bar = dot(t_transposed, w_bar_ref[:, cols])
+        k_out_bar = decay_out[:, None] * k_out_bar_ref[:, cols].astype(acc)
+        k_bar_ref[:, cols] = (dot(g_sym, k) + k_scale[:, None] * x_k_bar + k_out_bar).astype(k_bar_ref.dtype)
+        k_dot_x_k_bar += jnp.sum(k * x_k_bar, axis=1)
+        f += jnp.sum(k * k_out_bar, axis=1)
+
+    beta_bar_ref[...] = (beta_bar + exp(cum) * k_dot_x_k_bar).astype(beta_bar_ref.dtype)
     cum_bar = (jnp.sum(a_times_a_bar, axis=1) - jnp.sum(a_times_a_bar, axis=0) + k_scale * k_dot_x_k_bar - f
-               + jnp.where(steps == t.shape[0] - 1, jnp.sum(f), 0.0))
+               + jnp.where(steps == steps.shape[0] - 1, jnp.sum(f), 0.0))
     cum_bar_ref[...] = cum_bar.astype(cum_bar_ref.dtype)
+
+
+def _sum(terms):
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
 
 
 def wy_backward(k, v, beta, cum, t, u0_bar, w_bar, k_out_bar, settings):
     """(k_bar, v_bar, beta_bar, cum_bar) of ``fused_prepare`` (module docstring), in k's, v's, beta's and cum's
     dtypes and layouts: k [b, s, h, dk], v [b, s, h, dv], beta and cum [b, h, n, C], T [b, h, n, C, C] (beta's
     dtype or ``settings.operand_dtype``), u0_bar like v, w_bar and k_out_bar like k (any float dtype). ``settings``:
-    ``delta_inverse_gpu.Settings`` (precision, launch, interpret)."""
+    ``delta_inverse_gpu.FusedSettings`` (precision, launch, column blocks, interpret)."""
     b, s, h, dk = k.shape
     chunk = beta.shape[-1]
     tile_k, tile_v, gates, square = fused_specs(chunk, dk, v.shape[-1])
@@ -87,7 +107,7 @@ def wy_backward(k, v, beta, cum, t, u0_bar, w_bar, k_out_bar, settings):
         in_specs=[tile_k, tile_v, gates, gates, square, tile_v, tile_k, tile_k],
         out_specs=[tile_k, tile_v, gates, gates],
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (k, v, beta, cum)],
-        compiler_params=plgpu.CompilerParams(num_warps=settings.backward_warps or settings.num_warps,
+        compiler_params=plgpu.CompilerParams(num_warps=settings.num_warps,
                                              num_stages=settings.num_stages),
         interpret=settings.interpret,
         name="delta_wy_backward",

@@ -40,6 +40,13 @@ def chunk_tiles(chunk):
     return t[:, None] >= t[None, :], t == chunk - 1
 
 
+def column_blocks(width, block):
+    """Static slices of ``block`` (None: all) columns covering ``width``: kernels that load, compute and store a
+    [rows, width] tile a column block at a time, so that less of it is live in registers at once."""
+    size = width if block is None else min(block, width)
+    return tuple(pl.ds(start, size) for start in range(0, width, size))
+
+
 def compiler_params(config):
     return plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
 
