@@ -32,7 +32,7 @@ TILINGS = {
 }
 
 # The delta rule's GPU default against other blocks of its kernels' tiles (profile_fla.py --tilings shows which
-# kernels gain): the WY kernels' column blocks, the state passes' row blocks, the output's value block.
+# kernels gain): the WY kernels' column blocks, the output's value block.
 DELTA_TILINGS = {
     "default": lr.delta_ops.GPU_DEFAULT,
     "WY forward whole tiles": dataclasses.replace(lr.delta_ops.GPU_DEFAULT, wy_column_block=128),

@@ -149,8 +149,7 @@ def test_wy_backward_kernel_matches_the_xla_backward(column_block, dk, dv):
 
     def gradients(kernel_backward):
         fused = functools.partial(_kernel_fused, kernel_backward=kernel_backward, backward_column_block=column_block)
-        return jax.vjp(fused, k, v, beta, cum)[1](
-            cotangents)
+        return jax.vjp(fused, k, v, beta, cum)[1](cotangents)
 
     got = jax.jit(lambda: gradients(True))()
     want = jax.jit(lambda: gradients(False))()

@@ -220,9 +220,10 @@ inverse.defvjp(_inverse_fwd, _inverse_bwd)
 class FusedSettings(Settings):
     """``Settings`` plus out_dtype: the dtype name of u0, w and k_out (None: k's). ``delta_ops`` passes q's dtype,
     what the state and output kernels take. kernel_backward: the custom VJP's backward as a Pallas kernel
-    (``delta_wy_backward_gpu``; ``delta_ops`` asks for it by default), else plain JAX. column_block: the columns of a [C, d] tile that the forward kernel
-    loads, multiplies by T and stores at a time (``column_blocks``), so that no whole [C, d] float32 tile is live
-    at once (fewer registers); backward_column_block: the same for the backward kernel (None: whole tiles)."""
+    (``delta_wy_backward_gpu``; ``delta_ops`` asks for it by default), else plain JAX. column_block: the columns
+    of a [C, d] tile that the forward kernel loads, multiplies by T and stores at a time (``column_blocks``), so
+    that no whole [C, d] float32 tile is live at once (fewer registers); backward_column_block: the same for the
+    backward kernel (None: whole tiles)."""
 
     out_dtype: str | None = None
     kernel_backward: bool = False

@@ -42,8 +42,8 @@ class DeltaConfig:
         float32 tiles at once; None = num_warps. H200, B4 S8192 H16 D128 bf16, kernel ms at 4 / 8 warps
         (``benchmarks/results/profile_delta_warps_h200.txt``): 1.074 / 0.860, but the plain rule's (no exps)
         0.565 / 0.622 and the WY forward 0.705 / 1.340 (those stay at num_warps), the sequential passes slower at
-        8 too (below). The WY backward, by column blocks of 64 since 2026-12-03, is fastest at num_warps: 0.52 ms
-        at 4 against 0.89 at 8 (whole tiles 0.87 at 8, 1.06 at 4; ``profile_delta_tilings_h200.txt``).
+        8 too (below). The WY backward runs at num_warps: by column blocks of 64 (the default since 2026-12-03)
+        0.52 ms at 4 warps against 0.89 at 8; whole tiles 0.74 at 4, 0.87 at 8 (``profile_delta_tilings_h200.txt``).
       explicit_inverse: the WY preparation's T = (I + A)^-1 from the Pallas kernel ``delta_inverse_gpu`` (Triton
         only) and two matmuls (True), or XLA's batched triangular solve (False); None = by backend (Triton: True).
       fused_wy: the whole WY preparation (A, T and T applied: u0, w) in one Pallas kernel,
@@ -61,13 +61,14 @@ class DeltaConfig:
         rounded to bf16 soon after anyway) or "float32" (TF32 dots on float32 operands: 1-pass for 16-bit inputs,
         3-pass for float32). The same for float32 inputs.
       output_block_v: value columns per program of the GPU build's output kernel (None = all of dv), apart from
-        the state passes' block_v.
+        the state passes' block_v. Same shape: 0.22 ms whole (128) against 0.29 by 64 (plain rule; gated 0.26 /
+        0.33).
       wy_column_block: the columns of a [C, d] tile that the fused WY forward kernel loads, multiplies by T and
         stores at a time (``gpu_forward.column_blocks``; >= d: whole tiles). H200, B4 S8192 H16 D128 bf16: 0.64 ms
-        at 64 against 0.71 whole (the backward, whole tiles, measured 0.88 -> 0.94 ms by column blocks of 64 and
-        1.38 by 32; ``benchmarks/results/profile_delta_tilings_h200.txt``).
+        at 64 against 0.71 whole (``benchmarks/results/profile_delta_tilings_h200.txt``).
       wy_backward_column_block: the same for the WY backward kernel (its [C, C] products summed over the blocks);
-        None = whole tiles.
+        None = whole tiles. Same shape: 0.52 ms by 64 columns against 0.74 whole (4 warps); 32 columns 1.38 at 8
+        warps.
     """
 
     chunk_size: int = 64
