@@ -49,11 +49,14 @@ def triton_kernels_lowered(f, *args) -> int:
     return len(triton_kernel_warps(f, *args))
 
 
-def mosaic_tpu_kernels_lowered(f, *args) -> int:
+def mosaic_tpu_kernels_lowered(f, *args, device_kind="TPU v5 lite") -> int:
     """How many Pallas Mosaic TPU kernels ``jax.jit(f)`` lowers to, on a machine without a TPU: Pallas' own
-    lowering to Mosaic runs (what interpret mode skips); Mosaic's compiler, part of libtpu, does not. With x64
-    off, as on TPUs (the suite turns it on for its float64 references; under it Pallas' Mosaic lowering mixes
-    int64 and int32 loop indices)."""
-    with jax.enable_x64(False):
+    lowering to Mosaic runs (what interpret mode skips); Mosaic's compiler, part of libtpu, does not. The target
+    chip (``device_kind``, v5e by default) comes from an abstract mesh's device: kernels that read the chip's
+    parameters need one. With x64 off, as on TPUs (the suite turns it on for its float64 references; under it
+    Pallas' Mosaic lowering mixes int64 and int32 loop indices)."""
+    tpu = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=1, platform="tpu")
+    with jax.enable_x64(False), jax.sharding.use_abstract_mesh(
+            jax.sharding.AbstractMesh((1,), ("x",), abstract_device=tpu)):
         text = jax.jit(f).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
     return text.count("stablehlo.custom_call @tpu_custom_call")
