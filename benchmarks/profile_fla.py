@@ -8,6 +8,9 @@ For each variant (``benchmarks/linear_recurrent.py``'s inputs at B4 S8192 H16 D1
 Pallas kernels' jitted call in the same profiler session (CUPTI sees every kernel of the process, XLA's too, where
 the driver allows). Prints and writes $OUT/profile_fla.txt: per kernel, calls and device time in ms, largest
 first, per implementation. fla refuses gated backwards on Triton 3.6 on Hopper: use ``--mode forward`` there.
+``--timeline``: also each profiled call's device span (first kernel start to last kernel end) and copies, and its
+wall time per call waited for alone and queued (``linear_recurrent.timed``): the difference between the span and
+the time alone is host dispatch that the device does not overlap.
 Nothing is asserted; Nsight Compute's view of our kernels is ``benchmarks/profile_linear_recurrent.sh``.
 """
 
