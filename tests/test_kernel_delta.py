@@ -116,6 +116,7 @@ def test_attn_pallas_implementation_matches_chunked_with_gqa(name):
 BAD_ARGUMENTS = {
     "beta of the wrong shape": (dict(beta=jnp.zeros((1, 16, 1))), "beta"),
     "log gate per key dim": (dict(log_gate=jnp.zeros((1, 16, 2, 16))), "log_gate"),
+    "positive log gate": (dict(log_gate=jnp.full((1, 16, 2), 0.1)), "log_gate must be <= 0"),
     "value block not a power of two": (dict(config=DeltaConfig(chunk_size=16, block_v=12)), "block_v"),
     "explicit WY inverse on TPU": (dict(config=DeltaConfig(chunk_size=16, explicit_inverse=True), backend="mosaic_tpu"),
                                    "explicit_inverse"),

@@ -103,6 +103,7 @@ def test_bfloat16_keeps_dtype_and_float32_state():
 BAD_ARGUMENTS = {
     "scalar gate instead of one per key dim": (dict(log_gate=jnp.zeros((1, 16, 2))), "log_gate"),
     "gate of the wrong width": (dict(log_gate=jnp.zeros((1, 16, 2, 8))), "log_gate"),
+    "positive log gate": (dict(log_gate=jnp.zeros((1, 16, 2, 16)).at[0, 0, 0, 5].set(1e-3)), "log_gate must be <= 0"),
     "sub-chunk not dividing the chunk": (dict(config=VectorGateConfig(chunk_size=16, sub_chunk=32)), "sub_chunk"),
     "scores kernel on TPU": (dict(config=VectorGateConfig(scores_kernel=True), backend="mosaic_tpu"),
                              "scores_kernel"),

@@ -132,6 +132,7 @@ def test_bfloat16_keeps_dtype_and_float32_state():
 BAD_ARGUMENTS = {
     "gate shape mismatch": (dict(log_gate=jnp.zeros((1, 16, 2, 16))), "log_gate"),
     "gate of the wrong length": (dict(log_gate=jnp.zeros((1, 15, 2))), "log_gate"),
+    "positive log gate": (dict(log_gate=jnp.zeros((1, 16, 2)).at[0, 3, 1].set(0.5)), "log_gate must be <= 0"),
     "block_v not a power of two": (dict(config=ChunkConfig(chunk_size=16, block_v=12)), "block_v"),
     "backward warps not positive": (dict(config=ChunkConfig(chunk_size=16, num_warps_bwd=0)), "num_warps_bwd"),
     **helpers.COMMON_BAD_ARGUMENTS,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from kernels_pallas._common import resolve_backend
@@ -35,7 +36,8 @@ def check_inputs(q, k, v, initial_state, per_step=()):
 
     per_step: ``(name, array, axes, meaning)`` for each gate-like input given (an absent optional one is left out
     by the caller): ``axes`` names its dims from "batch", "seq", "heads", "head_dim"; ``meaning`` (may be "")
-    follows the expected shape in the message. Such an input must have that shape and a floating dtype.
+    follows the expected shape in the message. Such an input must have that shape and a floating dtype; one named
+    "log_gate" must also be <= 0 where its values are known (``check_log_gate``).
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         if getattr(x, "ndim", None) != 4:
@@ -61,9 +63,22 @@ def check_inputs(q, k, v, initial_state, per_step=()):
                              f"got {getattr(x, 'shape', x)}")
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+        if name == "log_gate":
+            check_log_gate(x)
     if initial_state is not None and tuple(initial_state.shape) != (b, h, dk, dv):
         raise ValueError(f"initial_state must have shape [batch, heads, head_dim, v_head_dim] = {(b, h, dk, dv)}, "
                          f"got {tuple(initial_state.shape)}")
+
+
+def check_log_gate(log_gate):
+    """Raises ValueError if ``log_gate`` holds a positive entry (a decay above 1), where its values are known: not
+    under jit (a traced value), where checking would need a host round trip. The kernels take the cumulative log
+    gates to never rise (exp(c_t - c_s) for s < t and exp(c) at most 1), and overflow to inf where they rise far."""
+    if isinstance(log_gate, jax.core.Tracer):
+        return
+    largest = float(jnp.max(log_gate))
+    if largest > 0:
+        raise ValueError(f"log_gate must be <= 0 (the log of a decay in (0, 1]), got a maximum of {largest:g}")
 
 
 def resolve(dtype, backend, interpret):
