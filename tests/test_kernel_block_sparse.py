@@ -191,25 +191,18 @@ def test_traced_layout_over_the_bound_fails_at_run_time():
         run(q, jnp.ones((4, 4), bool)).block_until_ready()
 
 
-def test_triton_build_lowers_on_a_cpu_only_machine():
-    """The Triton build's default tiles at B1 S1024 D128 bf16, causal, GQA 4:2, a traced layout (its tables built
-    in the program): forward, dq and dk/dv kernels lower through Pallas' Triton lowering (ptxas is not run)."""
+LOWERINGS = {"triton": kernel_helpers.triton_kernels_lowered, "mosaic_tpu": kernel_helpers.mosaic_tpu_kernels_lowered}
+
+
+@pytest.mark.parametrize("backend", LOWERINGS)
+def test_build_lowers_on_a_cpu_only_machine(backend):
+    """Each build's default tiles at B1 S1024 D128 bf16, causal, GQA 4:2, a traced layout (its tables built in the
+    program): forward, dq and dk/dv kernels lower through Pallas' Triton lowering (ptxas is not run) or its Mosaic
+    TPU lowering for a v5e (libtpu's compiler is not run)."""
     q = jax.ShapeDtypeStruct((1, 1024, 4, 128), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((1, 1024, 2, 128), jnp.bfloat16)
     layout = jax.ShapeDtypeStruct((4, 8, 8), jnp.bool_)
     attend = lambda q, k, v, layout: block_sparse_attention(q, k, v, layout, block_size=128, causal=True,
-                                                            backend="triton")
+                                                            backend=backend)
     f = jax.grad(lambda *a: attend(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2))
-    assert kernel_helpers.triton_kernels_lowered(f, q, kv, kv, layout) == 3
-
-
-def test_tpu_build_lowers_to_mosaic_kernels_on_a_cpu_only_machine():
-    """The TPU build's default tiles at B1 S1024 D128 bf16, causal, GQA 4:2, a traced layout, for a v5e: forward,
-    dq and dk/dv kernels lower through Pallas' Mosaic TPU lowering (libtpu's compiler is not run)."""
-    q = jax.ShapeDtypeStruct((1, 1024, 4, 128), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((1, 1024, 2, 128), jnp.bfloat16)
-    layout = jax.ShapeDtypeStruct((4, 8, 8), jnp.bool_)
-    attend = lambda q, k, v, layout: block_sparse_attention(q, k, v, layout, block_size=128, causal=True,
-                                                            backend="mosaic_tpu")
-    f = jax.grad(lambda *a: attend(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2))
-    assert kernel_helpers.mosaic_tpu_kernels_lowered(f, q, kv, kv, layout) == 3
+    assert LOWERINGS[backend](f, q, kv, kv, layout) == 3

@@ -172,21 +172,16 @@ def test_padding_and_block_choice_do_not_change_the_result():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_triton_build_lowers_on_a_cpu_only_machine():
-    """The Triton build's default blocks at B1 S1024 D128 bf16, causal window 256, GQA 4:2: forward and backward
-    kernels lower through Pallas' Triton lowering (ptxas is not run)."""
-    q = jax.ShapeDtypeStruct((1, 1024, 4, 128), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((1, 1024, 2, 128), jnp.bfloat16)
-    attend = lambda q, k, v: sliding_window_attention(q, k, v, window=(256, 0), causal=True, backend="triton")
-    f = jax.grad(lambda *a: attend(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2))
-    assert kernel_helpers.triton_kernels_lowered(f, q, kv, kv) == 3
+LOWERINGS = {"triton": kernel_helpers.triton_kernels_lowered, "mosaic_tpu": kernel_helpers.mosaic_tpu_kernels_lowered}
 
 
-def test_tpu_build_lowers_to_mosaic_kernels_on_a_cpu_only_machine():
-    """The TPU build's default blocks at B1 S1024 D128 bf16, causal window 256, GQA 4:2, for a v5e: forward and
-    backward kernels lower through Pallas' Mosaic TPU lowering (libtpu's compiler is not run)."""
+@pytest.mark.parametrize("backend", LOWERINGS)
+def test_build_lowers_on_a_cpu_only_machine(backend):
+    """Each build's default blocks at B1 S1024 D128 bf16, causal window 256, GQA 4:2: forward and backward kernels
+    lower through Pallas' Triton lowering (ptxas is not run) or its Mosaic TPU lowering for a v5e (libtpu's
+    compiler is not run)."""
     q = jax.ShapeDtypeStruct((1, 1024, 4, 128), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((1, 1024, 2, 128), jnp.bfloat16)
-    attend = lambda q, k, v: sliding_window_attention(q, k, v, window=(256, 0), causal=True, backend="mosaic_tpu")
+    attend = lambda q, k, v: sliding_window_attention(q, k, v, window=(256, 0), causal=True, backend=backend)
     f = jax.grad(lambda *a: attend(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2))
-    assert kernel_helpers.mosaic_tpu_kernels_lowered(f, q, kv, kv) == 3
+    assert LOWERINGS[backend](f, q, kv, kv) == 3
