@@ -28,6 +28,7 @@ T is stored in it) and accumulates in float32; the elementwise algebra is float3
 from __future__ import annotations
 
 import functools
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -52,11 +53,10 @@ def _backward_kernel(k_ref, v_ref, beta_ref, cum_ref, t_ref, u0_bar_ref, w_bar_r
     key_blocks = column_blocks(k_ref.shape[1], settings.backward_column_block)
 
     # The [C, C] pieces; their products sum over the column blocks.
-    t_bar = _sum([dot(u0_bar_ref[:, cols], beta[:, None] * v_ref[:, cols].astype(acc), trans_b=True)
-                  for cols in value_blocks]
-                 + [dot(w_bar_ref[:, cols], k_scale[:, None] * k_ref[:, cols].astype(acc), trans_b=True)
-                    for cols in key_blocks])
-    gram = _sum([dot(k_ref[:, cols], k_ref[:, cols], trans_b=True) for cols in key_blocks])
+    t_bar = functools.reduce(operator.add, [
+        *(dot(u0_bar_ref[:, cols], beta[:, None] * v_ref[:, cols].astype(acc), trans_b=True) for cols in value_blocks),
+        *(dot(w_bar_ref[:, cols], k_scale[:, None] * k_ref[:, cols].astype(acc), trans_b=True) for cols in key_blocks)])
+    gram = functools.reduce(operator.add, [dot(k_ref[:, cols], k_ref[:, cols], trans_b=True) for cols in key_blocks])
     steps = jnp.arange(t_transposed.shape[0])
     a_bar = jnp.where(steps[:, None] > steps[None, :], -dot(dot(t_transposed, t_bar), t, trans_b=True), 0.0)
     decayed_a_bar = delta_chunk.decay_matrix(cum, inclusive=False) * a_bar  # that of beta_t G_ts
@@ -84,13 +84,6 @@ def _backward_kernel(k_ref, v_ref, beta_ref, cum_ref, t_ref, u0_bar_ref, w_bar_r
     cum_bar = (jnp.sum(a_times_a_bar, axis=1) - jnp.sum(a_times_a_bar, axis=0) + k_scale * k_dot_x_k_bar - f
                + jnp.where(steps == steps.shape[0] - 1, jnp.sum(f), 0.0))
     cum_bar_ref[...] = cum_bar.astype(cum_bar_ref.dtype)
-
-
-def _sum(terms):
-    total = terms[0]
-    for term in terms[1:]:
-        total = total + term
-    return total
 
 
 def wy_backward(k, v, beta, cum, t, u0_bar, w_bar, k_out_bar, settings):
