@@ -18,7 +18,8 @@ Run on the GPU machine from the repository root: ``PYTHONPATH=. python benchmark
 Everything printed also goes to $OUT/check_delta_kernel.txt ($OUT defaults to /tmp). Time-boxed to
 DELTA_BUDGET_S (default 150 s): the bf16 check, then 2., then the other checks, then 3., as far as it reaches.
 ``--smoke``: tiny shapes in Pallas' interpreter (a CPU dry run of the script itself). ``--checks-only``: the bf16
-checks of 1. alone, gated and plain.
+checks of 1. alone, gated and plain; ``--inverse-warps N`` runs those checks with ``DeltaConfig.wy_inverse_warps`` N
+too (the WY inversion in its own kernel).
 """
 
 from __future__ import annotations
@@ -63,14 +64,14 @@ def inputs(key, b, s, h, d, dtype):
     return q, k, v, beta, gate, h0, dout, dfinal
 
 
-def check(dtype, gated):
+def check(dtype, gated, config=None):
     q, k, v, beta, gate, h0, dout, dfinal = inputs(jax.random.key(1), *CHECK_SHAPE, dtype)
     if not gated:
         gate = jnp.zeros_like(gate)  # passed as None below; kept so that both runs take the same arguments
 
     def kernel(q, k, v, beta, g, h0):
         return chunked_delta_recurrence(q, k, v, beta, g if gated else None, initial_state=h0, backend="triton",
-                                        interpret=SMOKE)
+                                        interpret=SMOKE, config=config)
 
     def reference(q, k, v, beta, g, h0):
         q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
@@ -83,7 +84,8 @@ def check(dtype, gated):
     names = ("out", "final", "dq", "dk", "dv", "dbeta", "dlog_gate", "dh0")
     if not gated:
         names = names[:6] + ("(no gate)", "dh0")
-    label = f"{'gated' if gated else 'plain'} D{CHECK_SHAPE[3]} {jnp.dtype(dtype).name}:"
+    label = f"{'gated' if gated else 'plain'} D{CHECK_SHAPE[3]} {jnp.dtype(dtype).name}"
+    label += f" wy_inverse_warps={config.wy_inverse_warps}:" if config else ":"
     log(label, "; ".join(common.errors(n, a, b) for n, a, b in zip(names, got, want) if n != "(no gate)"))
 
 
@@ -185,17 +187,22 @@ def xla_forward(q, k, v, beta, g):
     return out.astype(q.dtype)
 
 
-def run_checks(cases):
+def run_checks(cases, config=None):
     """``check`` of each (dtype, gated) while the budget lasts; a failure is logged, not raised."""
     for dtype, gated in cases:
         label = f"{'gated' if gated else 'plain'} {jnp.dtype(dtype).name}"
-        common.guarded_check(log, label, check, dtype, gated, deadline=START + BUDGET_S)
+        common.guarded_check(log, label, check, dtype, gated, config, deadline=START + BUDGET_S)
 
 
 def main():
     log("devices:", jax.devices(), "jax", jax.__version__)
     if "--checks-only" in sys.argv:  # the bf16 checks alone, gated and plain (float32's compile takes minutes)
         run_checks(((jnp.bfloat16, True), (jnp.bfloat16, False)))
+        if "--inverse-warps" in sys.argv:
+            warps = int(sys.argv[sys.argv.index("--inverse-warps") + 1])
+            config = dataclasses.replace(GPU_DEFAULT, chunk_size=16 if SMOKE else GPU_DEFAULT.chunk_size,
+                                         wy_inverse_warps=warps)
+            run_checks(((jnp.bfloat16, True), (jnp.bfloat16, False)), config)
         return
     # The bf16 check, the timings of the preparation, then the other checks: the budget stops what is left.
     run_checks(((jnp.bfloat16, True),))

@@ -32,12 +32,13 @@ TILINGS = {
 }
 
 # The delta rule's GPU default against other blocks of its kernels' tiles (profile_fla.py --tilings shows which
-# kernels gain): the WY kernels' column blocks, the output's value block.
+# kernels gain): the WY forward's inversion in its own kernel by [16, 16] blocks at 1, 2 or 4 warps.
 DELTA_TILINGS = {
     "default": lr.delta_ops.GPU_DEFAULT,
-    "WY forward whole tiles": dataclasses.replace(lr.delta_ops.GPU_DEFAULT, wy_column_block=128),
-    "WY backward whole tiles": dataclasses.replace(lr.delta_ops.GPU_DEFAULT, wy_backward_column_block=None),
-    "output block 64": dataclasses.replace(lr.delta_ops.GPU_DEFAULT, output_block_v=64),
+    **{f"WY inverse kernel {warps} warps": dataclasses.replace(lr.delta_ops.GPU_DEFAULT, wy_inverse_warps=warps)
+       for warps in (1, 2, 4)},
+    "WY inverse kernel 1 warp, whole columns": dataclasses.replace(lr.delta_ops.GPU_DEFAULT, wy_inverse_warps=1,
+                                                                   wy_column_block=128),
 }
 
 

@@ -152,7 +152,8 @@ def test_unsupported_head_dims_raise_value_error():
 def test_gpu_default_and_xla_wy_backward_lower_to_triton_on_a_cpu_only_machine():
     """The GPU default (fused WY preparation with its backward kernel, C = 64) at B1 S256 H2 D128 bf16, forward and
     backward, lowers through Pallas' Triton lowering (no GPU needed; ptxas is not run); the preparation's XLA
-    backward (wy_backward_kernel=False) has one kernel fewer."""
+    backward (wy_backward_kernel=False) has one kernel fewer, and so has the inversion inside the kernel that
+    applies T (wy_inverse_warps=None)."""
     q = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
     per_step = jax.ShapeDtypeStruct((1, 256, 2), jnp.float32)
 
@@ -165,6 +166,7 @@ def test_gpu_default_and_xla_wy_backward_lower_to_triton_on_a_cpu_only_machine()
     assert default >= 6
     assert kernels(dataclasses.replace(GPU_DEFAULT, wy_backward_kernel=True)) == default
     assert kernels(dataclasses.replace(GPU_DEFAULT, wy_backward_kernel=False)) == default - 1
+    assert kernels(dataclasses.replace(GPU_DEFAULT, wy_inverse_warps=None)) == default - 1
 
 
 def test_tpu_default_lowers_to_mosaic_kernels_on_a_cpu_only_machine():

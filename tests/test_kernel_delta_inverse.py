@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import pytest
 from jax import lax
 
-from kernels_pallas.linear_recurrent import delta_chunk, delta_inverse_gpu
+from kernels_pallas.linear_recurrent import delta_block_inverse_gpu, delta_chunk, delta_inverse_gpu
 from kernels_pallas.linear_recurrent.delta_ops import DeltaConfig, chunked_delta_recurrence
 from _linear_recurrent_helpers import rel_err
 
@@ -95,9 +95,11 @@ def test_wy_prepare_with_the_kernel_matches_the_triangular_solve_path():
         assert rel_err(got, ref) < 1e-12, name
 
 
-def _kernel_fused(k, v, beta, cum, kernel_backward=False, column_block=64, backward_column_block=None):
+def _kernel_fused(k, v, beta, cum, kernel_backward=False, column_block=64, backward_column_block=None,
+                  inverse_warps=None):
     settings = delta_inverse_gpu.FusedSettings(interpret=True, kernel_backward=kernel_backward,
-                                               column_block=column_block, backward_column_block=backward_column_block)
+                                               column_block=column_block, backward_column_block=backward_column_block,
+                                               inverse_warps=inverse_warps)
     return delta_inverse_gpu.fused_prepare(k, v, beta, cum, settings)
 
 
@@ -108,12 +110,12 @@ def _heads_first_chunks(seed, chunk, dk, dv):
     return k, v, beta, cum
 
 
-@pytest.mark.parametrize("column_block", [64, 16])
-def test_fused_prepare_matches_the_triangular_solve_path(column_block):
+@pytest.mark.parametrize("column_block,inverse_warps", [(64, None), (16, None), (16, 1)])
+def test_fused_prepare_matches_the_triangular_solve_path(column_block, inverse_warps):
     # The fused kernel (A, T and T applied in one kernel, DeltaConfig.fused_wy), k and v in the caller's
     # [b, s, h, d] layout: u0, w, k_out and the gradients of k, v, beta, cum (its custom VJP) against autodiff of
     # wy_prepare's triangular solve on heads-first chunks, float64, C = 32, two heads. Column blocks of 16: v's
-    # 32 columns in two.
+    # 32 columns in two. inverse_warps: T from delta_block_inverse_gpu's kernel, applied by the fused kernel.
     k, v, beta, cum = _heads_first_chunks(5, 32, 16, 32)
     keys = jax.random.split(jax.random.key(6), 3)
     shapes = (v.shape, k.shape, k.shape)  # u0, w, k_out
@@ -126,7 +128,8 @@ def test_fused_prepare_matches_the_triangular_solve_path(column_block):
         return tuple(map(seq, outs)), (seq(dk), seq(dv), dbeta, dcum)
 
     def fused():
-        outs, vjp = jax.vjp(functools.partial(_kernel_fused, column_block=column_block), seq(k), seq(v), beta, cum)
+        fused = functools.partial(_kernel_fused, column_block=column_block, inverse_warps=inverse_warps)
+        outs, vjp = jax.vjp(fused, seq(k), seq(v), beta, cum)
         return outs, vjp(tuple(map(seq, cotangents)))
 
     outs, grads = jax.jit(fused)()
@@ -134,6 +137,18 @@ def test_fused_prepare_matches_the_triangular_solve_path(column_block):
     for name, got, ref in zip(("u0", "w", "k_out", "dk", "dv", "dbeta", "dcum"), outs + grads, want + want_grads):
         assert got.dtype == ref.dtype and got.shape == ref.shape, name
         assert rel_err(got, ref) < 1e-12, name
+
+
+def test_block_inverse_matches_inv():
+    # delta_block_inverse_gpu: T by [16, 16] blocks at C = 64 (four row blocks: every merge of the block
+    # substitution) against jnp.linalg.inv, float64, keys read in the caller's layout; column blocks of 16 of dk 32
+    # (the Gram blocks summed over two). The last chunk's gates are strong (exponents down to ~-900).
+    k, beta, cum = (x.reshape((1, 2, 2) + x.shape[1:]) for x in _chunks(11, 4, 64, 32, jnp.float64))
+    settings = delta_inverse_gpu.FusedSettings(interpret=True, column_block=16, inverse_warps=1)
+    got = jax.jit(lambda: delta_block_inverse_gpu.inverse(delta_chunk.from_chunks(k), beta, cum, settings))()
+    want = jnp.linalg.inv(_unit_lower(k, beta, cum))
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert rel_err(got, want) < 1e-12
 
 
 @pytest.mark.parametrize("column_block,dk,dv", [(None, 16, 32), (16, 32, 16)])

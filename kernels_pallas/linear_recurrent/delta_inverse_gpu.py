@@ -223,19 +223,28 @@ class FusedSettings(Settings):
     (``delta_wy_backward_gpu``; ``delta_ops`` asks for it by default), else plain JAX. column_block: the columns
     of a [C, d] tile that the forward kernel loads, multiplies by T and stores at a time (``column_blocks``), so
     that no whole [C, d] float32 tile is live at once (fewer registers); backward_column_block: the same for the
-    backward kernel (None: whole tiles)."""
+    backward kernel (None: whole tiles). inverse_warps: None inverts in the same kernel (``invert_tile``, at
+    num_warps); a number of warps runs the inversion in its own kernel by [16, 16] blocks at that many warps
+    (``delta_block_inverse_gpu``), T through memory, then a kernel at num_warps applies it."""
 
     out_dtype: str | None = None
     kernel_backward: bool = False
     column_block: int = 64
     backward_column_block: int | None = None
+    inverse_warps: int | None = None
 
 
-def _fused_kernel(k_ref, v_ref, beta_ref, cum_ref, u0_ref, w_ref, kout_ref, *t_ref, settings):
+def _fused_kernel(k_ref, v_ref, beta_ref, cum_ref, *refs, settings, t_given):
     acc = acc_dtype(k_ref.dtype)  # the WY algebra runs in float32 whatever the inputs' dtype
     beta, cum = beta_ref[...], cum_ref[...]
-    dot, operand_dot = _make_dot(settings.kernel_precision(acc), acc), settings.operand_dot(acc)
-    t = invert_tile(delta_chunk.wy_matrix(operand_dot(k_ref[...], k_ref[...], trans_b=True), beta, cum), dot)
+    operand_dot = settings.operand_dot(acc)
+    if t_given:  # T from ``delta_block_inverse_gpu``
+        t_in, u0_ref, w_ref, kout_ref = refs
+        t, t_ref = t_in[...], ()
+    else:
+        u0_ref, w_ref, kout_ref, *t_ref = refs
+        dot = _make_dot(settings.kernel_precision(acc), acc)
+        t = invert_tile(delta_chunk.wy_matrix(operand_dot(k_ref[...], k_ref[...], trans_b=True), beta, cum), dot)
     for cols in column_blocks(v_ref.shape[1], settings.column_block):
         u0_ref[:, cols] = operand_dot(t, beta[:, None] * v_ref[:, cols].astype(acc)).astype(u0_ref.dtype)
     k_scale, decay_out = beta * exp(cum), exp(chunk_last(cum) - cum)  # cum <= 0: exp(cum) <= 1
@@ -262,26 +271,34 @@ def fused_specs(chunk, dk, dv):
 
 
 def _fused_call(k, v, beta, cum, settings, with_t):
-    """The Pallas call: one program per chunk; (u0, w, k_out) or (u0, w, k_out, T)."""
+    """The Pallas call(s): one program per chunk; (u0, w, k_out) or (u0, w, k_out, T)."""
     (b, s, h, dk), dv = k.shape, v.shape[-1]
     chunk = beta.shape[-1]
     out_dtype = k.dtype if settings.out_dtype is None else jnp.dtype(settings.out_dtype)
     tile_k, tile_v, gates, square = fused_specs(chunk, dk, dv)
+    in_specs, inputs = [tile_k, tile_v, gates, gates], [k, v, beta, cum]
     out_specs = [tile_v, tile_k, tile_k]
     out_shape = [jax.ShapeDtypeStruct(v.shape, out_dtype)] + [jax.ShapeDtypeStruct(k.shape, out_dtype)] * 2
-    if with_t:  # T in the dots' operand dtype: what the backward kernel's dots read
+    t_given = settings.inverse_warps is not None
+    if t_given:
+        from kernels_pallas.linear_recurrent import delta_block_inverse_gpu  # imports this module: not at the top
+
+        in_specs.append(square)
+        inputs.append(delta_block_inverse_gpu.inverse(k, beta, cum, settings))
+    elif with_t:  # T in the dots' operand dtype: what the backward kernel's dots read
         out_specs.append(square)
         out_shape.append(jax.ShapeDtypeStruct(beta.shape + (chunk,), settings.operand_dtype or beta.dtype))
-    return pl.pallas_call(
-        functools.partial(_fused_kernel, settings=settings),
+    outputs = pl.pallas_call(
+        functools.partial(_fused_kernel, settings=settings, t_given=t_given),
         grid=(b, h, s // chunk),
-        in_specs=[tile_k, tile_v, gates, gates],
+        in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=settings.num_warps, num_stages=settings.num_stages),
         interpret=settings.interpret,
-        name="delta_wy_fused",
-    )(k, v, beta, cum)
+        name="delta_wy_apply" if t_given else "delta_wy_fused",
+    )(*inputs)
+    return list(outputs) + [inputs[-1]] if t_given and with_t else list(outputs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))

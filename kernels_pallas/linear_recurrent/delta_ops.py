@@ -69,6 +69,9 @@ class DeltaConfig:
       wy_backward_column_block: the same for the WY backward kernel (its [C, C] products summed over the blocks);
         None = whole tiles. Same shape: 0.52 ms by 64 columns against 0.74 whole (4 warps); 32 columns 1.38 at 8
         warps.
+      wy_inverse_warps: None: the fused WY forward inverts (I + A) in the kernel that applies T (whole [C, C]
+        tiles at num_warps); a number of warps: the inversion runs in its own kernel by [16, 16] blocks at that many
+        warps (``delta_block_inverse_gpu``, fla's kkt-solve layout), T through memory in the dots' operand dtype.
     """
 
     chunk_size: int = 64
@@ -83,6 +86,7 @@ class DeltaConfig:
     wy_column_block: int = 64
     wy_backward_column_block: int | None = None
     output_block_v: int | None = None
+    wy_inverse_warps: int | None = None
 
     def validate(self, min_tile: int) -> None:
         """Raises ValueError unless chunk_size and the blocks are powers of two >= ``min_tile`` (or None where
@@ -93,9 +97,9 @@ class DeltaConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < min_tile or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two >= {min_tile}, got {value!r}")
-        for name in ("num_warps", "num_stages", "gradient_warps"):
+        for name in ("num_warps", "num_stages", "gradient_warps", "wy_inverse_warps"):
             value = getattr(self, name)
-            if value is None and name == "gradient_warps":
+            if value is None and name in ("gradient_warps", "wy_inverse_warps"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -126,7 +130,7 @@ class DeltaConfig:
 # by whole heads (output_block_v None): H200, B4 S8192 H16 D128 bf16, kernel ms (profile_delta_tilings_h200.txt):
 # WY forward 0.64 against 0.71 whole, WY backward 0.52 against 0.87, output 0.22 against 0.29 by 64 columns.
 GPU_DEFAULT = DeltaConfig(chunk_size=64, block_v=64, num_warps=4, num_stages=3, gradient_warps=8,
-                          wy_backward_column_block=64)
+                          wy_backward_column_block=64, wy_inverse_warps=1, wy_column_block=128)
 # TPU: chunk rows are sublanes; the state block takes all of dv (lanes).
 TPU_DEFAULT = DeltaConfig(chunk_size=128, block_v=None)
 # CPU interpret mode (tests): small chunks so that short inputs take several (16: the GPU build's smallest tile).
@@ -247,6 +251,7 @@ def wy_options(config, backend, interpret, dtype):
                              out_dtype=jnp.dtype(dtype).name, kernel_backward=config.wy_backward_kernel is not False,
                              column_block=config.wy_column_block,
                              backward_column_block=config.wy_backward_column_block,
+                             inverse_warps=config.wy_inverse_warps,
                              operand_dtype=jnp.dtype(dtype).name if narrow else None)
 
     def fused(k, v, beta, cum):
