@@ -69,7 +69,7 @@ def test_gpu_kernel_matches_recurrent_reference(shape, config):
 
 # One case per build (CI time): the other build's case covers the other features.
 TPU_CASES = {
-    # The plain delta rule; two dv blocks (partial d w, d k_out, d gates summed), the last chunk partial.
+    # The plain delta rule; two dv blocks (partial d w, d keys, d gates summed), the last chunk partial.
     "plain-no-state-two-dv-blocks": ((1, 19, 1, 16, 32, False, None), DeltaConfig(chunk_size=8, block_v=16)),
 }
 

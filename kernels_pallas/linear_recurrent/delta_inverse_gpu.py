@@ -37,12 +37,13 @@ Backward (``jax.custom_vjp``, plain JAX): T = (I + A)^-1 gives dT = -T dA T, so 
 beta and c. Two batched [C, C] matmuls and the Gram matrix's two: no triangular solve.
 
 Fused variant (``DeltaConfig.fused_wy``, the GPU build's default): ``fused_prepare`` forms A, inverts
-it (``invert_tile``) and applies T in the same program, two more dots: it writes u0 [C, dv], w [C, dk] and the
-decayed keys k_out [C, dk] (in q's dtype when ``delta_ops`` calls it) instead of T, so T's round trip through
-memory and the two XLA matmuls go. It reads k and v in the caller's [batch, seq, heads, dim] layout and dtype and
-writes its outputs in that layout (the state and output kernels' layout): no transposes or float32 copies in XLA. Its
-backward is a Pallas kernel in the GPU build (``delta_wy_backward_gpu``, ``DeltaConfig.wy_backward_kernel``) or
-plain JAX (``fused_prepare``'s docstring); T is then written as the backward's residual.
+it (``invert_tile``) and applies T in the same program, two more dots: it writes u0 [C, dv] and w [C, dk] (in q's
+dtype when ``delta_ops`` calls it) instead of T, so T's round trip through memory and the two XLA matmuls go (the
+decayed keys k_out of ``wy_prepare`` are not written: the GPU state walks decay the raw keys, ``delta_gpu``). It
+reads k and v in the caller's [batch, seq, heads, dim] layout and dtype and writes its outputs in that layout (the
+state and output kernels' layout): no transposes or float32 copies in XLA. Its backward is a Pallas kernel in the
+GPU build (``delta_wy_backward_gpu``, ``DeltaConfig.wy_backward_kernel``) or plain JAX (``fused_prepare``'s
+docstring); T is then written as the backward's residual.
 
 Precision: true float32 (float64 in interpret mode) in Pallas' interpreter (the CPU has no TF32). On the GPU the
 dots run as 3-pass TF32 (float32-accurate, tensor cores), or 1-pass TF32 with ``tf32=True``: the GPU build asks
@@ -218,7 +219,7 @@ inverse.defvjp(_inverse_fwd, _inverse_bwd)
 
 @dataclasses.dataclass(frozen=True)
 class FusedSettings(Settings):
-    """``Settings`` plus out_dtype: the dtype name of u0, w and k_out (None: k's). ``delta_ops`` passes q's dtype,
+    """``Settings`` plus out_dtype: the dtype name of u0 and w (None: k's). ``delta_ops`` passes q's dtype,
     what the state and output kernels take. kernel_backward: the custom VJP's backward as a Pallas kernel
     (``delta_wy_backward_gpu``; ``delta_ops`` asks for it by default), else plain JAX. column_block: the columns
     of a [C, d] tile that the forward kernel loads, multiplies by T and stores at a time (``column_blocks``), so
@@ -239,26 +240,19 @@ def _fused_kernel(k_ref, v_ref, beta_ref, cum_ref, *refs, settings, t_given):
     beta, cum = beta_ref[...], cum_ref[...]
     operand_dot = settings.operand_dot(acc)
     if t_given:  # T from ``delta_block_inverse_gpu``
-        t_in, u0_ref, w_ref, kout_ref = refs
+        t_in, u0_ref, w_ref = refs
         t, t_ref = t_in[...], ()
     else:
-        u0_ref, w_ref, kout_ref, *t_ref = refs
+        u0_ref, w_ref, *t_ref = refs
         dot = _make_dot(settings.kernel_precision(acc), acc)
         t = invert_tile(delta_chunk.wy_matrix(operand_dot(k_ref[...], k_ref[...], trans_b=True), beta, cum), dot)
     for cols in column_blocks(v_ref.shape[1], settings.column_block):
         u0_ref[:, cols] = operand_dot(t, beta[:, None] * v_ref[:, cols].astype(acc)).astype(u0_ref.dtype)
-    k_scale, decay_out = beta * exp(cum), exp(chunk_last(cum) - cum)  # cum <= 0: exp(cum) <= 1
+    k_scale = beta * exp(cum)  # cum <= 0: exp(cum) <= 1
     for cols in column_blocks(k_ref.shape[1], settings.column_block):
-        k = k_ref[:, cols].astype(acc)
-        w_ref[:, cols] = operand_dot(t, k_scale[:, None] * k).astype(w_ref.dtype)
-        kout_ref[:, cols] = (k * decay_out[:, None]).astype(kout_ref.dtype)
+        w_ref[:, cols] = operand_dot(t, k_scale[:, None] * k_ref[:, cols].astype(acc)).astype(w_ref.dtype)
     if t_ref:  # only under differentiation: T is the backward's residual
         t_ref[0][...] = t.astype(t_ref[0].dtype)
-
-
-def chunk_last(cum):
-    """A chunk's total log gate, its last inclusive cumulative value, as a scalar (Triton cannot index a tile)."""
-    return jnp.sum(jnp.where(jnp.arange(cum.shape[0]) == cum.shape[0] - 1, cum, 0.0))
 
 
 def fused_specs(chunk, dk, dv):
@@ -271,14 +265,14 @@ def fused_specs(chunk, dk, dv):
 
 
 def _fused_call(k, v, beta, cum, settings, with_t):
-    """The Pallas call(s): one program per chunk; (u0, w, k_out) or (u0, w, k_out, T)."""
+    """The Pallas call(s): one program per chunk; (u0, w) or (u0, w, T)."""
     (b, s, h, dk), dv = k.shape, v.shape[-1]
     chunk = beta.shape[-1]
     out_dtype = k.dtype if settings.out_dtype is None else jnp.dtype(settings.out_dtype)
     tile_k, tile_v, gates, square = fused_specs(chunk, dk, dv)
     in_specs, inputs = [tile_k, tile_v, gates, gates], [k, v, beta, cum]
-    out_specs = [tile_v, tile_k, tile_k]
-    out_shape = [jax.ShapeDtypeStruct(v.shape, out_dtype)] + [jax.ShapeDtypeStruct(k.shape, out_dtype)] * 2
+    out_specs = [tile_v, tile_k]
+    out_shape = [jax.ShapeDtypeStruct(v.shape, out_dtype), jax.ShapeDtypeStruct(k.shape, out_dtype)]
     t_given = settings.inverse_warps is not None
     if t_given:
         from kernels_pallas.linear_recurrent import delta_block_inverse_gpu  # imports this module: not at the top
@@ -303,13 +297,13 @@ def _fused_call(k, v, beta, cum, settings, with_t):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def fused_prepare(k, v, beta, cum, settings: FusedSettings):
-    """``delta_chunk.wy_prepare``'s (u0, w, k_out) in one kernel, in the caller's layout: u0 = T diag(beta) V,
-    w = T diag(beta exp(c)) K, k_out = K * exp(L - c) per chunk, T = (I + A)^-1 formed, inverted and applied in
-    registers (T never goes through memory in the forward alone).
+    """``delta_chunk.wy_prepare``'s u0 and w in Pallas kernels, in the caller's layout: u0 = T diag(beta) V and
+    w = T diag(beta exp(c)) K per chunk, T = (I + A)^-1 formed, inverted and applied in registers (T never goes
+    through memory in the forward alone), or with ``settings.inverse_warps`` inverted by a kernel of its own.
 
     k [b, s, h, dk], v [b, s, h, dv] (any float dtype: the kernel computes in its accumulation dtype, float32 for
     16-bit inputs), beta and cum [b, h, n, C] in that accumulation dtype (heads-first chunks; n C = s) -> u0 like
-    v, w and k_out like k, in ``settings.out_dtype``. C, dk and dv powers of two >= 16 (Triton's dot tiles).
+    v, w like k, in ``settings.out_dtype``. C, dk and dv powers of two >= 16 (Triton's dot tiles).
 
     Backward (custom VJP; a Pallas kernel with ``settings.kernel_backward``, else plain JAX, matmuls only, as
     follows): with x_v = diag(beta) V, x_k = diag(beta exp(c)) K,
@@ -318,8 +312,8 @@ def fused_prepare(k, v, beta, cum, settings: FusedSettings):
       T_bar = u0_bar x_v^T + w_bar x_k^T,   [x_v_bar | x_k_bar] = T^T [u0_bar | w_bar],
       A_bar = -strict_lower(T^T T_bar T^T)  (``inverse_cotangent``),
 
-    then the VJP of (A, x_v, x_k, k_out)'s formulas (``delta_chunk.wy_matrix``, recomputed in XLA) takes them and
-    k_out_bar to k, v, beta and cum. T is stored by the forward under differentiation (one [C, C] write per chunk)
+    then the VJP of (A, x_v, x_k)'s formulas (``delta_chunk.wy_matrix``, recomputed in XLA) takes them to k, v,
+    beta and cum. T is stored by the forward under differentiation (one [C, C] write per chunk)
     rather than recomputed in the backward: recomputing would re-read k and redo the Gram dot and the inversion's
     C/16 + 1 dots per chunk, for a write a quarter of u0's and w's at C = 64, dk = dv = 128.
     """
@@ -327,8 +321,8 @@ def fused_prepare(k, v, beta, cum, settings: FusedSettings):
 
 
 def _fused_fwd(k, v, beta, cum, settings):
-    u0, w, k_out, t = _fused_call(k, v, beta, cum, settings, with_t=True)
-    return (u0, w, k_out), (k, v, beta, cum, t)
+    u0, w, t = _fused_call(k, v, beta, cum, settings, with_t=True)
+    return (u0, w), (k, v, beta, cum, t)
 
 
 def _fused_bwd(settings, residuals, cotangents):
@@ -338,20 +332,19 @@ def _fused_bwd(settings, residuals, cotangents):
         return delta_wy_backward_gpu.wy_backward(*residuals, *cotangents, settings)
     k, v, beta, cum, t = residuals
     chunk, t = beta.shape[-1], t.astype(beta.dtype)
-    u0_bar, w_bar, k_out_bar = (delta_chunk.to_chunks(x, chunk).astype(t.dtype) for x in cotangents)
+    u0_bar, w_bar = (delta_chunk.to_chunks(x, chunk).astype(t.dtype) for x in cotangents)
     precision = settings.xla_precision
 
-    def build(k, v, beta, cum):  # (A, x_v, x_k, k_out) as the kernel forms them, in heads-first chunks
+    def build(k, v, beta, cum):  # (A, x_v, x_k) as the kernel forms them, in heads-first chunks
         k, v = (delta_chunk.to_chunks(x, chunk).astype(t.dtype) for x in (k, v))
         gram = jnp.einsum("...td,...sd->...ts", k, k, precision=precision)
-        return (delta_chunk.wy_matrix(gram, beta, cum), beta[..., None] * v, (beta * exp(cum))[..., None] * k,
-                k * exp(cum[..., -1:] - cum)[..., None])
+        return delta_chunk.wy_matrix(gram, beta, cum), beta[..., None] * v, (beta * exp(cum))[..., None] * k
 
-    (_, x_v, x_k, _), vjp = jax.vjp(build, k, v, beta, cum)
+    (_, x_v, x_k), vjp = jax.vjp(build, k, v, beta, cum)
     t_bar = (jnp.einsum("...td,...sd->...ts", u0_bar, x_v, precision=precision)
              + jnp.einsum("...td,...sd->...ts", w_bar, x_k, precision=precision))
     x_v_bar, x_k_bar = (jnp.einsum("...st,...sd->...td", t, x, precision=precision) for x in (u0_bar, w_bar))
-    return vjp((inverse_cotangent(t, t_bar, precision), x_v_bar, x_k_bar, k_out_bar))
+    return vjp((inverse_cotangent(t, t_bar, precision), x_v_bar, x_k_bar))
 
 
 fused_prepare.defvjp(_fused_fwd, _fused_bwd)

@@ -151,28 +151,29 @@ def _kernels(backend):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _state_pass(w, u0, k_out, cum, h0, st: _entry.Static):
-    """(states entering each chunk, corrected values U, final state) from the WY pieces: the sequential kernel."""
-    outputs, _ = _state_pass_fwd(w, u0, k_out, cum, h0, st)
+def _state_pass(w, u0, keys, cum, h0, st: _entry.Static):
+    """(states entering each chunk, corrected values U, final state) from the WY pieces: the sequential kernel.
+    ``keys``: the raw keys on GPU (its walks decay them, ``delta_gpu``), the decayed k_out on TPU."""
+    outputs, _ = _state_pass_fwd(w, u0, keys, cum, h0, st)
     return outputs
 
 
-def _state_pass_fwd(w, u0, k_out, cum, h0, st):
+def _state_pass_fwd(w, u0, keys, cum, h0, st):
     passes, _ = _kernels(st.backend)
-    all_states, u, final = passes.states(w, u0, k_out, cum, h0, config=st.config, interpret=st.interpret,
+    all_states, u, final = passes.states(w, u0, keys, cum, h0, config=st.config, interpret=st.interpret,
                                          **st.gate_option())
-    return (all_states, u, final), (w, k_out, cum, all_states, u)
+    return (all_states, u, final), (w, keys, cum, all_states, u)
 
 
 def _state_pass_bwd(st, residuals, cotangents):
-    w, k_out, cum, all_states, u = residuals
+    w, keys, cum, all_states, u = residuals
     dall_states, du, dfinal = cotangents
     passes, _ = _kernels(st.backend)
-    du0, dw, dk_out, dcum, dh0 = passes.dstates(
-        w, k_out, cum, all_states, u, dall_states.astype(all_states.dtype), du.astype(u.dtype),
+    du0, dw, dkeys, dcum, dh0 = passes.dstates(
+        w, keys, cum, all_states, u, dall_states.astype(all_states.dtype), du.astype(u.dtype),
         dfinal.astype(cum.dtype), config=st.config, interpret=st.interpret, **st.gate_option())
-    # d w, d k_out and d cum are partial sums over the dv blocks (leading axis).
-    return (dw.sum(0).astype(w.dtype), du0.astype(w.dtype), dk_out.sum(0).astype(k_out.dtype),
+    # d w, d keys and d cum are partial sums over the dv blocks (leading axis).
+    return (dw.sum(0).astype(w.dtype), du0.astype(w.dtype), dkeys.sum(0).astype(keys.dtype),
             dcum.sum(0).astype(cum.dtype), dh0.astype(cum.dtype))
 
 
@@ -334,17 +335,19 @@ def chunked_delta_recurrence(
     else:  # inclusive, inside each chunk
         cum = jnp.cumsum(delta_chunk.to_chunks(pad(log_gate.astype(acc)), chunk), axis=-1)
     options = wy_options(config, backend, interpret, q.dtype)
-    if "fused" in options:  # the GPU default: one kernel, in the caller's layout, u0, w, k_out in q's dtype
-        u0, w, k_out = options["fused"](kp, vp, beta_c, cum)
+    if "fused" in options:  # the GPU default: Pallas kernels, in the caller's layout, u0 and w in q's dtype
+        u0, w = options["fused"](kp, vp, beta_c, cum)
     else:  # XLA on heads-first float32 chunks
         kc, vc = (delta_chunk.to_chunks(x.astype(acc), chunk) for x in (kp, vp))
         prepared = delta_chunk.wy_prepare(kc, vc, beta_c, cum, **options)
         u0, w, k_out = (layout(delta_chunk.from_chunks(x).astype(q.dtype)) for x in prepared)
+    # The GPU walks decay the raw keys themselves (delta_gpu); the TPU's take k_out.
+    keys = kp if backend == "triton" else k_out
 
     h0 = _entry.initial_state(initial_state, (b, h, dk, dv), dk_pad, dv_pad, acc)
     st = _entry.Static(config, backend, interpret, log_gate is not None)
     cum = cum.reshape(b, h, s_pad)
-    all_states, u, final = _state_pass(w, u0, k_out, cum, h0, st)
+    all_states, u, final = _state_pass(w, u0, keys, cum, h0, st)
     out = _output(layout(qp), layout(kp), u, cum, all_states, st)  # the kernels' layout, q's dtype
     out = jnp.swapaxes(out, 1, 2) if heads_first else out
     return out[:, :s, :, :dv], final[:, :, :dk, :dv]
