@@ -66,14 +66,10 @@ SMOKE = False  # set by --smoke: interpret mode, tiny shapes
 _SCALAR, _VECTOR = scalar_config.GPU_DEFAULT, vector_gate_ops.GPU_DEFAULT
 # Tilings timed by --sweep, per kernel (the scalar gate serves simple_gla and linear; the vector gate gla).
 SWEEP = {
-    "scalar": {
-        "two-pass-forward": dataclasses.replace(_SCALAR, fused_forward=False),
-        "fused-forward": dataclasses.replace(_SCALAR, fused_forward=True),
-        "state-64x128": dataclasses.replace(_SCALAR, block_v=None),
-        "chunk-128": dataclasses.replace(_SCALAR, chunk_size=128),
-        "warps-8": dataclasses.replace(_SCALAR, num_warps=8),
-        "stages-2": dataclasses.replace(_SCALAR, num_stages=2),
-        "bwd-warps-4": dataclasses.replace(_SCALAR, num_warps_bwd=None),
+    "scalar": {  # smaller state blocks: more programs for the sequential passes where batch * heads is small
+        "state-32x64": dataclasses.replace(_SCALAR, block_k=32),
+        "state-16x64": dataclasses.replace(_SCALAR, block_k=16),
+        "state-32x32": dataclasses.replace(_SCALAR, block_k=32, block_v=32),
     },
     "vector": {
         "sub-32": dataclasses.replace(_VECTOR, sub_chunk=32),
