@@ -49,6 +49,9 @@ GPU_CASES = {
     # Plain linear attention through the GPU default's forward: the kernels' no-gate specialisation (no exps).
     "no-gate-fused-forward-initial-state": (1, 37, 2, 8, 16, True, None, ChunkConfig(chunk_size=16,
                                                                                       fused_forward=True)),
+    # One (batch, head): min_block_k halves the state's rows (dk 32 in two blocks of 16) for more programs.
+    "state-rows-halved-two-k-blocks": (1, 37, 1, 32, 16, True, 1.0, ChunkConfig(chunk_size=16, block_k=32,
+                                                                                min_block_k=16)),
 }
 
 
@@ -158,6 +161,18 @@ def test_unsupported_head_dims_and_shapes_raise_value_error():
 @pytest.mark.parametrize("name", ["simple_gla", "retention", "lightning"])
 def test_mechanism_pallas_implementation_matches_chunked_with_gqa(name):
     helpers.check_mechanism_pallas_matches_chunked(name)
+
+
+def test_gpu_default_halves_the_state_rows_only_where_the_passes_have_few_programs():
+    # more_state_programs: [64, 64] state blocks at dk = dv = 128 give batch * heads * 4 programs; below
+    # FUSED_MIN_PROGRAMS block_k halves, not below min_block_k (32), so B1 H16 gets [32, 64] blocks (128 programs).
+    from kernels_pallas.linear_recurrent import config as config_lib
+
+    config = config_lib.GPU_DEFAULT
+    block_k = {bh: config_lib.more_state_programs(config, bh, 128, 128).block_k for bh in (1, 16, 32, 64)}
+    assert block_k == {1: 32, 16: 32, 32: 64, 64: 64}
+    no_floor = dataclasses.replace(config, min_block_k=None)
+    assert config_lib.more_state_programs(no_floor, 1, 128, 128).block_k == 64
 
 
 def test_gpu_default_fuses_the_forward_only_where_it_has_enough_programs():

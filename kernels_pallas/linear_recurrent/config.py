@@ -21,6 +21,9 @@ class ChunkConfig:
       num_warps, num_stages: Triton launch settings (ignored on TPU and in interpret mode).
       num_warps_bwd, num_stages_bwd: those of the backward's kernels (the dS pass and the gradients); None: the
         forward's. On an H200 the forward was fastest with 4 warps and the backward with 8.
+      min_block_k: None, or the floor down to which ``more_state_programs`` halves block_k while the sequential
+        passes have fewer than ``FUSED_MIN_PROGRAMS`` programs (few batch * heads: a walk per program is all the
+        parallelism there is, and rows of the state are independent for these gates).
     """
 
     chunk_size: int = 64
@@ -31,10 +34,11 @@ class ChunkConfig:
     num_stages: int = 2
     num_warps_bwd: int | None = None
     num_stages_bwd: int | None = None
+    min_block_k: int | None = None
 
     def validate(self, min_chunk: int) -> None:
         """Raises ValueError unless chunk_size (and the blocks) are powers of two >= ``min_chunk`` (so they tile)."""
-        for name in ("chunk_size", "block_k", "block_v"):
+        for name in ("chunk_size", "block_k", "block_v", "min_block_k"):
             value = getattr(self, name)
             if value is None and name != "chunk_size":
                 continue
@@ -65,10 +69,25 @@ class ChunkConfig:
 # The fused forward only where it fills the GPU: H200, simple GLA, B1 S32768 H16 D128 bf16 (32 programs), the two
 # passes 34.5 / 11.1 M tokens/s against the fused 17.5 / 8.8; at B4 S8192 (128 programs) the fused is faster, as above
 # (benchmarks/results/linear_recurrent_h200_sweep_b1.json). Between 32 and 128 programs: not measured.
+# Rows of the state by 32 where the passes would have fewer than 128 programs (min_block_k): H200, retention B1 S32768
+# H16 D128 bf16, M tokens/s forward / forward+backward (linear_recurrent.py --sweep, ``linear_recurrent_h200_
+# sweep_b1_ab97b7c.json``): [32, 64] blocks (128 programs) 46.7 / 13.5, [64, 64] 44.1 / 12.0, [16, 64] 47.3 / 12.6,
+# [32, 32] 34.2 / 11.5 (fla 61.7 / 13.8).
 GPU_DEFAULT = ChunkConfig(chunk_size=64, block_k=64, block_v=64, fused_forward=None, num_warps=4, num_stages=3,
-                          num_warps_bwd=8)
-# Programs of the fused forward (batch * heads * dv / block_v) from which fused_forward=None picks it.
+                          num_warps_bwd=8, min_block_k=32)
+# Programs of the fused forward (batch * heads * dv / block_v) from which fused_forward=None picks it; also those of
+# the two-pass state passes below which min_block_k halves block_k.
 FUSED_MIN_PROGRAMS = 128
+
+
+def more_state_programs(config, batch_heads, dk, dv):
+    """``config`` (blocks filled for head dims dk, dv) with block_k halved, not below ``config.min_block_k``, while
+    the state passes' batch_heads * (dk / block_k) * (dv / block_v) programs are fewer than FUSED_MIN_PROGRAMS."""
+    block_k = config.block_k
+    while (config.min_block_k is not None and block_k // 2 >= config.min_block_k
+           and batch_heads * (dk // block_k) * (dv // config.block_v) < FUSED_MIN_PROGRAMS):
+        block_k //= 2
+    return dataclasses.replace(config, block_k=block_k)
 
 # TPU: the chunk axis is a lane axis of the gate row tile, so it must be a multiple of 128.
 TPU_DEFAULT = ChunkConfig(chunk_size=128, block_k=None, block_v=128)
