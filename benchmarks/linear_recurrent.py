@@ -63,11 +63,11 @@ FLA_REFUSES_BACKWARD = ("simple_gla", "gated_delta_rule")
 START = time.perf_counter()
 SMOKE = False  # set by --smoke: interpret mode, tiny shapes
 
-_SCALAR, _VECTOR = scalar_config.GPU_DEFAULT, vector_gate_ops.GPU_DEFAULT
-# Tilings timed by --sweep, per kernel (the scalar gate serves simple_gla and linear; the vector gate gla).
+_SCALAR, _VECTOR, _DELTA = scalar_config.GPU_DEFAULT, vector_gate_ops.GPU_DEFAULT, delta_ops.GPU_DEFAULT
+# Tilings timed by --sweep, per kernel (the scalar gate serves simple_gla, retention and linear; the vector gate gla).
 SWEEP = {
-    "scalar": {  # smaller state blocks: more programs for the sequential passes where batch * heads is small
-        "state-32x64": dataclasses.replace(_SCALAR, block_k=32),
+    "scalar": {  # state blocks: more programs for the sequential passes where batch * heads is small
+        "rows-64": dataclasses.replace(_SCALAR, min_block_k=None),  # the default before ab97b7c
         "state-16x64": dataclasses.replace(_SCALAR, block_k=16),
         "state-32x32": dataclasses.replace(_SCALAR, block_k=32, block_v=32),
     },
@@ -77,6 +77,9 @@ SWEEP = {
         "block-v-64": dataclasses.replace(_VECTOR, block_v=64),
         "warps-8": dataclasses.replace(_VECTOR, num_warps=8),
         "stages-3": dataclasses.replace(_VECTOR, num_stages=3),
+    },
+    "delta": {  # the walks by 32 value columns: twice the programs (dk cannot be split)
+        "walk-block-v-32": dataclasses.replace(_DELTA, block_v=32),
     },
 }
 
@@ -331,7 +334,7 @@ def main():
     results = []
     for b, s, h, d in shapes:
         for variant in args.variants:
-            kernel = {"gla": "vector", "delta_rule": None, "gated_delta_rule": None}.get(variant, "scalar")
+            kernel = {"gla": "vector", "delta_rule": "delta", "gated_delta_rule": "delta"}.get(variant, "scalar")
             tilings = SWEEP[kernel] if args.sweep and kernel else {}
             impls = ([] if args.no_xla else ["xla_chunked"]) + ["pallas"] + [f"pallas[{label}]" for label in tilings]
             impls.append("fla")

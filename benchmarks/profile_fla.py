@@ -1,9 +1,10 @@
 """Kernel by kernel: fla's chunk kernels beside ours, one forward+backward each, on the GPU machine.
 
     PYTHONPATH=. python benchmarks/profile_fla.py --fla-wheel path/to/fla_core-0.6.0-py3-none-any.whl \
-        [--variants gla delta_rule] [--mode forward] [--pallas-only] [--tilings] [--timeline]
+        [--variants gla delta_rule] [--mode forward] [--pallas-only] [--tilings] [--timeline] [--shape 1]
 
-For each variant (``benchmarks/linear_recurrent.py``'s inputs at B4 S8192 H16 D128 bf16): fla's call three times
+For each variant (``benchmarks/linear_recurrent.py``'s inputs at B4 S8192 H16 D128 bf16, or ``--shape 1``: its
+SHAPES[1], B1 S32768 H16 D128): fla's call three times
 (Triton's compile and fla's autotuning happen there), then once under ``torch.profiler`` (CUPTI); the same for the
 Pallas kernels' jitted call in the same profiler session (CUPTI sees every kernel of the process, XLA's too, where
 the driver allows). Prints and writes $OUT/profile_fla.txt: per kernel, calls and device time in ms, largest
@@ -27,7 +28,6 @@ import jax  # noqa: E402
 from benchmarks import linear_recurrent as lr  # noqa: E402
 
 OUT = os.environ.get("OUT", ".")
-SHAPE = (4, 8192, 16, 128)
 
 
 def device_ms(event):
@@ -101,9 +101,11 @@ def main():
     parser.add_argument("--pallas-only", action="store_true", help="skip fla (its compile and autotuning)")
     parser.add_argument("--timeline", action="store_true",
                         help="also each call's device span, copies and wall time (waited alone and queued)")
+    parser.add_argument("--shape", type=int, default=0, help="index into linear_recurrent.SHAPES")
     parser.add_argument("--tilings", action="store_true",
                         help="delta variants: profile every check_scalar_gate_tilings.DELTA_TILINGS config")
     args = parser.parse_args()
+    shape = lr.SHAPES[args.shape]
     import torch
 
     lines = []
@@ -113,10 +115,10 @@ def main():
         print(*parts, flush=True)
 
     log(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}, torch {torch.__version__}, commit "
-        f"{os.environ.get('BENCH_COMMIT')}, {args.mode}, B{SHAPE[0]} S{SHAPE[1]} H{SHAPE[2]} D{SHAPE[3]} bf16")
+        f"{os.environ.get('BENCH_COMMIT')}, {args.mode}, B{shape[0]} S{shape[1]} H{shape[2]} D{shape[3]} bf16")
     fla = None if args.pallas_only else lr.load_fla(args.fla_wheel)
     for variant in args.variants:
-        q, k, v, gate, dout = lr.inputs(jax.random.key(0), *SHAPE, variant)
+        q, k, v, gate, dout = lr.inputs(jax.random.key(0), *shape, variant)
         try:
             if fla is None:
                 raise RuntimeError("not run (--pallas-only)")

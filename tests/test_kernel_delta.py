@@ -130,6 +130,8 @@ BAD_ARGUMENTS = {
     "WY operands neither input nor float32": (dict(config=DeltaConfig(chunk_size=16, wy_operands="bf16")),
                                               "wy_operands"),
     "gradient warps not positive": (dict(config=DeltaConfig(chunk_size=16, gradient_warps=0)), "gradient_warps"),
+    "WY inverse warps not positive": (dict(config=DeltaConfig(chunk_size=16, wy_inverse_warps=0)),
+                                      "wy_inverse_warps"),
     "WY column block not a power of two": (dict(config=DeltaConfig(chunk_size=16, wy_column_block=48)),
                                            "wy_column_block"),
     "output block not a power of two": (dict(config=DeltaConfig(chunk_size=16, output_block_v=24)), "output_block_v"),

@@ -6,8 +6,9 @@ Structure (a first version), three steps:
 1. the chunk-parallel WY preparation in plain JAX (``delta_chunk.wy_prepare``, differentiated by JAX's autodiff):
    on the GPU build T = (I + A)^-1 per chunk from a Pallas kernel with a custom VJP (``delta_inverse_gpu``) then two
    matmuls; on the TPU build one XLA triangular solve per chunk (``DeltaConfig.explicit_inverse`` switches);
-   on the GPU by default (``DeltaConfig.fused_wy``) A, T and T applied in one Pallas kernel writing u0 and w, its
-   backward a Pallas kernel too (``DeltaConfig.wy_backward_kernel``);
+   on the GPU by default (``DeltaConfig.fused_wy``) Pallas kernels writing u0 and w: T = (I + A)^-1 by a 1-warp
+   kernel (``DeltaConfig.wy_inverse_warps``, ``delta_block_inverse_gpu``) then applied by a second (or A, T and T
+   applied in one kernel), the backward a Pallas kernel too (``DeltaConfig.wy_backward_kernel``);
 2. the SEQUENTIAL state pass across chunks, a Pallas kernel (``delta_gpu`` for Triton, ``delta_tpu`` for Mosaic
    TPU) with a ``jax.custom_vjp`` whose backward is the reverse-time Pallas pass (``dstates``);
 3. the chunk-parallel output step, a Pallas kernel (``delta_output_gpu`` / ``delta_output_tpu``) with its own
@@ -138,8 +139,9 @@ GPU_DEFAULT = DeltaConfig(chunk_size=64, block_v=64, num_warps=4, num_stages=3, 
                           wy_backward_column_block=64, wy_inverse_warps=1, wy_column_block=128)
 # TPU: chunk rows are sublanes; the state block takes all of dv (lanes).
 TPU_DEFAULT = DeltaConfig(chunk_size=128, block_v=None)
-# CPU interpret mode (tests): small chunks so that short inputs take several (16: the GPU build's smallest tile).
-INTERPRET_DEFAULT = DeltaConfig(chunk_size=16, block_v=None)
+# CPU interpret mode (tests): small chunks so that short inputs take several (16: the GPU build's smallest tile);
+# the GPU default's WY path (the inversion in its own kernel; warps mean nothing to the interpreter).
+INTERPRET_DEFAULT = DeltaConfig(chunk_size=16, block_v=None, wy_inverse_warps=1)
 # What config=None picks (``_entry.choose_config``): (GPU, TPU, interpret mode).
 DEFAULTS = (GPU_DEFAULT, TPU_DEFAULT, INTERPRET_DEFAULT)
 
