@@ -75,7 +75,8 @@ class DeltaConfig:
         warps (``delta_block_inverse_gpu``, fla's kkt-solve layout), T through memory in the dots' operand dtype.
         H200, B4 S8192 H16 D128 bf16 gated, kernel ms (``profile_delta_inverse_h200.txt``): inversion 0.137 at 1
         warp with whole key rows (wy_column_block 128), 0.171 by 64 columns, 0.302 at 2 warps, 0.661 at 4; T
-        applied 0.21; the fused kernel 0.62.
+        applied 0.21 (0.16 once it no longer wrote k_out, ``profile_delta_walk_keys_h200.txt``); the fused kernel
+        0.62.
     """
 
     chunk_size: int = 64
@@ -134,7 +135,8 @@ class DeltaConfig:
 # by whole heads (output_block_v None): H200, B4 S8192 H16 D128 bf16, kernel ms (profile_delta_tilings_h200.txt):
 # WY forward 0.64 against 0.71 whole, WY backward 0.52 against 0.87, output 0.22 against 0.29 by 64 columns.
 # Since 2026-12-03 the WY forward's inversion runs in its own 1-warp kernel (wy_inverse_warps) with whole key rows
-# (wy_column_block 128, which also has T applied by whole tiles): 0.137 + 0.21 ms against the fused 0.62.
+# (wy_column_block 128, which also has T applied by whole tiles): 0.137 + 0.21 ms against the fused 0.62 (0.16 for
+# applying T since the walks decay the raw keys themselves).
 GPU_DEFAULT = DeltaConfig(chunk_size=64, block_v=64, num_warps=4, num_stages=3, gradient_warps=8,
                           wy_backward_column_block=64, wy_inverse_warps=1, wy_column_block=128)
 # TPU: chunk rows are sublanes; the state block takes all of dv (lanes).
