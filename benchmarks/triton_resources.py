@@ -10,9 +10,10 @@
 Prints a table (kernel, warps, stages, registers per thread, spill stores / loads in bytes, shared memory, static
 SASS instructions from cuobjdump: a size, not a count of what runs, since loops run many times) and
 writes ``triton_resources.json`` to --out (``benchmarks/results/triton_resources_sm90.{txt,json}``: the defaults of
-2026-12-02). At 255 registers a program of 8 warps takes the whole register file of an SM (one program per SM);
-spills go to local memory. The sizes are those of a short sequence: the kernels' tiles do not depend on its length.
-A proxy, not a timing: XLA compiles these kernels with its own Triton build, whose passes may allocate otherwise.
+2026-12-03, commit a554437). At 255 registers a program of 8 warps takes the whole register file of an SM (one
+program per SM); spills go to local memory. The sizes are those of a short sequence: the kernels' tiles do not
+depend on its length. A proxy, not a timing: XLA compiles these kernels with its own Triton build, whose passes may
+allocate otherwise.
 """
 
 from __future__ import annotations
@@ -122,9 +123,8 @@ def main():
                 report = compile_report(args.triton_python, ir, warps, stages, workdir, name)
                 rows.append(dict(family=family, kernel=name, num_warps=warps, num_stages=stages, **report))
                 print(f"{family:17s} {name:28s} warps {warps} stages {stages}: {report['registers']:3d} registers, "
-                      f"spills {report['spill_stores']} / {report['spill_loads']} B, shared {report['shared_bytes']} B, "
-                      f"{report['sass_instructions']} SASS instructions",
-                      flush=True)
+                      f"spills {report['spill_stores']} / {report['spill_loads']} B, "
+                      f"shared {report['shared_bytes']} B, {report['sass_instructions']} SASS instructions", flush=True)
     with open(os.path.join(args.out, "triton_resources.json"), "w") as f:
         json.dump({"jax": jax.__version__, "target": "sm_90a", "commit": os.environ.get("BENCH_COMMIT"),
                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "kernels": rows}, f, indent=1)
