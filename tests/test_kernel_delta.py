@@ -59,6 +59,10 @@ GPU_CASES = {
     "plain-split-tiles": ((1, 21, 1, 32, 32, True, None),
                           DeltaConfig(chunk_size=16, block_v=None, output_block_v=16, wy_column_block=16,
                                       wy_backward_column_block=16)),
+    # Gated, one chunk of 32 (the walks' gate loaded ahead stays in range), its WY inverse by two [16, 16] row
+    # blocks in the inversion kernel (the GPU default's path).
+    "gated-one-chunk-block-inverse": ((1, 29, 1, 16, 16, True, _mild_gate),
+                                      DeltaConfig(chunk_size=32, wy_inverse_warps=1)),
 }
 
 
