@@ -24,6 +24,7 @@ anyway), a [C, C] write and read per chunk, and it is the backward's residual as
 from __future__ import annotations
 
 import functools
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels_pallas.linear_recurrent.chunk_math import acc_dtype, exp
+from kernels_pallas.linear_recurrent.chunk_math import acc_dtype, decay_matrix, exp
 from kernels_pallas.linear_recurrent.delta_inverse_gpu import BLOCK, _make_dot, fused_specs
 from kernels_pallas.linear_recurrent.gpu_forward import column_blocks
 
@@ -43,11 +44,8 @@ def gated_blocks(gram, beta, cum):
     strict = t[:, None] > t[None, :]
     blocks = {}
     for (i, j), g in gram.items():
-        exponent = cum[i][:, None] - cum[j][None, :]
-        if i == j:
-            decay = jnp.where(strict, exp(jnp.where(strict, exponent, 0.0)), 0.0)
-        else:
-            decay = exp(exponent)
+        col, row = cum[i][:, None], cum[j][None, :]
+        decay = decay_matrix(col, row, strict) if i == j else exp(col - row)
         blocks[i, j] = beta[i][:, None] * decay * g
     return blocks
 
@@ -74,7 +72,7 @@ def invert_blocks(a, n, dot):
     inv = dict(zip(((i, i) for i in range(n)), invert_diagonal(tuple(a[i, i] for i in range(n)))))
     for i in range(1, n):
         for j in range(i - 1, -1, -1):
-            inner = functools.reduce(jnp.add, (dot(a[i, m], inv[m, j]) for m in range(j, i)))
+            inner = functools.reduce(operator.add, (dot(a[i, m], inv[m, j]) for m in range(j, i)))
             inv[i, j] = -dot(inv[i, i], inner)
     return inv
 
