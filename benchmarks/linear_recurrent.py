@@ -68,6 +68,8 @@ _SCALAR, _VECTOR, _DELTA = scalar_config.GPU_DEFAULT, vector_gate_ops.GPU_DEFAUL
 SWEEP = {
     "scalar": {  # state blocks: more programs for the sequential passes where batch * heads is small
         "rows-64": dataclasses.replace(_SCALAR, min_block_k=None),  # the default before ab97b7c
+        "states-3-stages": dataclasses.replace(_SCALAR, state_stages=None, dstate_warps=None, dstate_stages=None,
+                                               dstate_row_split=1),  # the state passes as before time_scalar_kernels
         "state-16x64": dataclasses.replace(_SCALAR, block_k=16),
         "state-32x32": dataclasses.replace(_SCALAR, block_k=32, block_v=32),
     },
@@ -78,8 +80,8 @@ SWEEP = {
         "warps-8": dataclasses.replace(_VECTOR, num_warps=8),
         "stages-3": dataclasses.replace(_VECTOR, num_stages=3),
     },
-    "delta": {  # the walks by 32 value columns: twice the programs (dk cannot be split)
-        "walk-block-v-32": dataclasses.replace(_DELTA, block_v=32),
+    "delta": {  # the walks by 64 value columns at any batch * heads (the default before min_block_v)
+        "walk-block-v-64": dataclasses.replace(_DELTA, min_block_v=None),
     },
 }
 

@@ -55,10 +55,11 @@ def _check_against_reference(backend, case, config, tol=1e-4):
 GPU_CASES = {
     # Gated; dk 8 / dv 12 are padded to 16; three chunks, the last one partial.
     "gated-odd-length-initial-state": ((1, 37, 2, 8, 12, True, _mild_gate), DeltaConfig(chunk_size=16)),
-    # Plain; the output kernel's and the WY kernels' 32 columns in two blocks.
+    # Plain; the output kernel's and the WY kernels' 32 columns in two blocks; the walks' too (one batch * head:
+    # min_block_v halves block_v for more programs).
     "plain-split-tiles": ((1, 21, 1, 32, 32, True, None),
                           DeltaConfig(chunk_size=16, block_v=None, output_block_v=16, wy_column_block=16,
-                                      wy_backward_column_block=16)),
+                                      wy_backward_column_block=16, min_block_v=16)),
     # Gated, one chunk of 32 (the walks' gate loaded ahead stays in range), its WY inverse by two [16, 16] row
     # blocks in the inversion kernel (the GPU default's path).
     "gated-one-chunk-block-inverse": ((1, 29, 1, 16, 16, True, _mild_gate),
@@ -122,6 +123,7 @@ BAD_ARGUMENTS = {
     "log gate per key dim": (dict(log_gate=jnp.zeros((1, 16, 2, 16))), "log_gate"),
     "positive log gate": (dict(log_gate=jnp.full((1, 16, 2), 0.1)), "log_gate must be <= 0"),
     "value block not a power of two": (dict(config=DeltaConfig(chunk_size=16, block_v=12)), "block_v"),
+    "value block floor not a power of two": (dict(config=DeltaConfig(chunk_size=16, min_block_v=24)), "min_block_v"),
     "explicit WY inverse on TPU": (dict(config=DeltaConfig(chunk_size=16, explicit_inverse=True), backend="mosaic_tpu"),
                                    "explicit_inverse"),
     "fused WY preparation on TPU": (dict(config=DeltaConfig(chunk_size=16, fused_wy=True), backend="mosaic_tpu"),

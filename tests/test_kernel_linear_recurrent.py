@@ -41,8 +41,11 @@ def _check_against_reference(backend, seed, b, s, h, dk, dv, with_state, gate_sc
 # b, s, h, dk, dv, initial state, gate scale (None = no gate), config
 GPU_CASES = {
     "odd-length-initial-state": (1, 37, 2, 8, 12, True, 1.0, ChunkConfig(chunk_size=16)),
-    "no-gate-no-state-two-v-blocks": (2, 21, 1, 16, 32, False, None, ChunkConfig(chunk_size=16, block_v=16)),
-    "chunk-32-three-chunks": (1, 70, 1, 16, 16, True, 0.5, ChunkConfig(chunk_size=32)),
+    "no-gate-no-state-two-v-blocks": (2, 21, 1, 16, 32, False, None, ChunkConfig(chunk_size=16, block_v=16,
+                                                                                     output_block_v=16)),
+    # The reverse state pass on half the forward's rows (dstate_row_split): dk 32 by one block forward, two back.
+    "chunk-32-three-chunks-reverse-rows-split": (1, 70, 1, 32, 16, True, 0.5, ChunkConfig(chunk_size=32,
+                                                                                          dstate_row_split=2)),
     # The GPU default's forward: one sequential kernel writing outputs and states.
     "fused-forward-initial-state-two-v-blocks": (1, 37, 2, 8, 32, True, 1.0,
                                                  ChunkConfig(chunk_size=16, block_v=16, fused_forward=True)),
@@ -67,9 +70,9 @@ def test_gpu_default_lowers_to_triton_kernels_on_a_cpu_only_machine():
     gate = jax.ShapeDtypeStruct((1, 256, 2), jnp.float32)
     attend = lambda q, k, v, g: chunked_scalar_gate_recurrence(q, k, v, log_gate=g, backend="triton")[0]
     f = jax.grad(lambda *a: attend(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2, 3))
-    # Two-pass forward (4 programs: too few for the fused walk) with 4 warps; dS pass and gradients with 8 (the
-    # backward's launch settings).
-    assert kernel_helpers.triton_kernel_warps(f, q, q, q, gate) == [4, 4, 8, 8]
+    # Two-pass forward (4 programs: too few for the fused walk) with 4 warps; the reverse dS pass with 2
+    # (dstate_warps), the gradients with 8 (the backward's).
+    assert kernel_helpers.triton_kernel_warps(f, q, q, q, gate) == [4, 4, 2, 8]
 
 
 def test_tpu_default_lowers_to_mosaic_kernels_on_a_cpu_only_machine():
@@ -137,6 +140,10 @@ BAD_ARGUMENTS = {
     "gate of the wrong length": (dict(log_gate=jnp.zeros((1, 15, 2))), "log_gate"),
     "positive log gate": (dict(log_gate=jnp.zeros((1, 16, 2)).at[0, 3, 1].set(0.5)), "log_gate must be <= 0"),
     "block_v not a power of two": (dict(config=ChunkConfig(chunk_size=16, block_v=12)), "block_v"),
+    "output block_v not a power of two": (dict(config=ChunkConfig(chunk_size=16, output_block_v=48)),
+                                          "output_block_v"),
+    "reverse rows split by 3": (dict(config=ChunkConfig(chunk_size=16, dstate_row_split=3)), "dstate_row_split"),
+    "state pass stages not positive": (dict(config=ChunkConfig(chunk_size=16, state_stages=0)), "state_stages"),
     "backward warps not positive": (dict(config=ChunkConfig(chunk_size=16, num_warps_bwd=0)), "num_warps_bwd"),
     **helpers.COMMON_BAD_ARGUMENTS,
 }
@@ -173,6 +180,30 @@ def test_gpu_default_halves_the_state_rows_only_where_the_passes_have_few_progra
     assert block_k == {1: 32, 16: 32, 32: 64, 64: 64}
     no_floor = dataclasses.replace(config, min_block_k=None)
     assert config_lib.more_state_programs(no_floor, 1, 128, 128).block_k == 64
+
+
+def test_backward_config_takes_the_reverse_pass_settings_and_rows():
+    # ChunkConfig.backward(): the reverse state pass's launch settings and block_k / dstate_row_split (not below
+    # 16); the chunk-parallel gradients the backward's warps.
+    config = ChunkConfig(block_k=64, num_warps=4, num_stages=3, num_warps_bwd=8, state_stages=4, dstate_warps=2,
+                         dstate_stages=5, dstate_row_split=2)
+    assert config.state_launch() == (4, 4)
+    backward = config.backward()
+    assert (backward.block_k, backward.num_warps, backward.num_stages, backward.state_launch()) == (32, 8, 3, (2, 5))
+    assert dataclasses.replace(config, block_k=16).backward().block_k == 16
+    assert ChunkConfig(num_warps=4, num_stages=2).backward().state_launch() == (4, 2)
+
+
+def test_delta_gpu_default_halves_the_walks_value_block_only_where_few_programs():
+    # The delta rule's walks carry [dk, block_v]: batch * heads * dv / block_v programs, block_v halved below
+    # FUSED_MIN_PROGRAMS, not below min_block_v (GPU default 32).
+    from kernels_pallas.linear_recurrent import config as config_lib
+    from kernels_pallas.linear_recurrent.delta_ops import GPU_DEFAULT
+
+    halved = {bh: config_lib.halved_for_programs(GPU_DEFAULT.block_v, GPU_DEFAULT.min_block_v,
+                                                 lambda block: bh * (128 // block)) for bh in (1, 16, 64)}
+    assert halved == {1: 32, 16: 32, 64: 64}
+    assert config_lib.halved_for_programs(64, None, lambda block: 1) == 64
 
 
 def test_gpu_default_fuses_the_forward_only_where_it_has_enough_programs():

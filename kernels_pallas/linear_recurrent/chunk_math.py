@@ -81,8 +81,8 @@ def total(x, keepdims):
 def chunk_output(q, k, v, cum_col, cum_row, causal, state, dot):
     """Output of one chunk [C, bv] (float32) given the state entering it [dk, bv]."""
     scores = decayed(dot(q, k, trans_b=True), cum_col, cum_row, causal)
-    q_in = scaled(q, cum_col).astype(q.dtype)
-    return dot(scores.astype(v.dtype), v) + dot(q_in, state.astype(q.dtype))
+    # exp(c_t) scales rows of the float32 product (as fla does), not q: fewer elements at dk > bv, no rounding
+    return dot(scores.astype(v.dtype), v) + scaled(dot(q, state.astype(q.dtype)), cum_col)
 
 
 def _to_end(cum_col, last):
@@ -112,11 +112,11 @@ def chunk_gradients(q, k, v, dout, cum_col, cum_row, last, causal, state, dstate
     dscores = decayed(dot(dout, v, trans_b=True), cum_col, cum_row, causal)
     to_end = _to_end(cum_col, last)  # decay from step s to the chunk end (cum_col: from the chunk start to t)
     dstate_in = dstate.astype(v.dtype)
-    dq = dot(dscores.astype(k.dtype), k) + dot(scaled(dout, cum_col).astype(dout.dtype), state.astype(dout.dtype),
-                                               trans_b=True)
-    dk_state = dot(scaled(v, to_end).astype(v.dtype), dstate_in, trans_b=True)
+    # The per-step decays scale rows of the products with the states, as in chunk_output.
+    dq = dot(dscores.astype(k.dtype), k) + scaled(dot(dout, state.astype(dout.dtype), trans_b=True), cum_col)
+    dk_state = scaled(dot(v, dstate_in, trans_b=True), to_end)
     dk = dot(dscores.astype(q.dtype), q, trans_a=True) + dk_state
-    dv = dot(scores.astype(dout.dtype), dout, trans_a=True) + dot(scaled(k, to_end).astype(k.dtype), dstate_in)
+    dv = dot(scores.astype(dout.dtype), dout, trans_a=True) + scaled(dot(k, dstate_in), to_end)
     if cum_col is None:
         return dq, dk, dv, None, None
     dcum = jnp.sum(q * dq - k * dk, axis=1, keepdims=keepdims)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from attn import _common as c
 from kernels_pallas.linear_recurrent import _entry, delta_chunk
+from kernels_pallas.linear_recurrent import config as config_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +78,8 @@ class DeltaConfig:
         warp with whole key rows (wy_column_block 128), 0.171 by 64 columns, 0.302 at 2 warps, 0.661 at 4; T
         applied 0.21 (0.16 once it no longer wrote k_out, ``profile_delta_walk_keys_h200.txt``); the fused kernel
         0.62.
+      min_block_v: None, or the floor down to which block_v halves while the state walks would have fewer than
+        ``config.FUSED_MIN_PROGRAMS`` programs (batch * heads * dv / block_v: few batch * heads).
     """
 
     chunk_size: int = 64
@@ -92,13 +95,15 @@ class DeltaConfig:
     wy_backward_column_block: int | None = None
     output_block_v: int | None = None
     wy_inverse_warps: int | None = None
+    min_block_v: int | None = None
 
     def validate(self, min_tile: int) -> None:
         """Raises ValueError unless chunk_size and the blocks are powers of two >= ``min_tile`` (or None where
         allowed) and the launch settings positive integers."""
-        for name in ("chunk_size", "block_v", "output_block_v", "wy_column_block", "wy_backward_column_block"):
+        for name in ("chunk_size", "block_v", "output_block_v", "wy_column_block", "wy_backward_column_block",
+                     "min_block_v"):
             value = getattr(self, name)
-            if value is None and name in ("block_v", "output_block_v", "wy_backward_column_block"):
+            if value is None and name not in ("chunk_size", "wy_column_block"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < min_tile or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two >= {min_tile}, got {value!r}")
@@ -137,8 +142,11 @@ class DeltaConfig:
 # Since 2026-12-03 the WY forward's inversion runs in its own 1-warp kernel (wy_inverse_warps) with whole key rows
 # (wy_column_block 128, which also has T applied by whole tiles): 0.137 + 0.21 ms against the fused 0.62 (0.16 for
 # applying T since the walks decay the raw keys themselves).
+# The walks by 32 value columns where batch * heads is small (min_block_v): H200, gated, B1 S32768 H16 D128 bf16
+# (linear_recurrent.py --sweep "walk-block-v-32", fla in the same call, linear_recurrent_h200_sweep_b1_be370aa.json),
+# M tokens/s forward / forward+backward 24.5 / 7.78 against 20.6 / 6.94 by 64 (32 programs); fla's forward 25.3.
 GPU_DEFAULT = DeltaConfig(chunk_size=64, block_v=64, num_warps=4, num_stages=3, gradient_warps=8,
-                          wy_backward_column_block=64, wy_inverse_warps=1, wy_column_block=128)
+                          wy_backward_column_block=64, wy_inverse_warps=1, wy_column_block=128, min_block_v=32)
 # TPU: chunk rows are sublanes; the state block takes all of dv (lanes).
 TPU_DEFAULT = DeltaConfig(chunk_size=128, block_v=None)
 # CPU interpret mode (tests): small chunks so that short inputs take several (16: the GPU build's smallest tile);
@@ -321,6 +329,8 @@ def chunked_delta_recurrence(
     # dk is never split (the correction w S contracts it): only block_v tiles the state.
     dk_pad, dv_pad = _entry.padded_head_dims(dk, dv, backend)
     config = _entry.fill_blocks(config, {"block_v": dv_pad, "output_block_v": dv_pad})
+    config = dataclasses.replace(config, block_v=config_lib.halved_for_programs(
+        config.block_v, config.min_block_v, lambda block: b * h * (dv_pad // block)))
     chunk = config.chunk_size
     s_pad = _entry.padded_length(s, chunk)
     acc = c.compute_dtype(q.dtype)

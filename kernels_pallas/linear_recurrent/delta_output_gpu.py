@@ -10,7 +10,6 @@ Inputs are in the caller's [batch, seq, heads, dim] layout, cum heads-first [bat
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -26,7 +25,6 @@ def output(q, k, u, cum, all_states, *, config, interpret, gated=True):
     """q/k [b, s, h, dk], u [b, s, h, dv], cum [b, h, s], all_states [b, h, n, dk, dv] -> out like u in q's dtype.
     ``gated=False``: the plain delta rule (cum is zeros and not read: no exp at all). Programs take
     ``config.output_block_v`` value columns (None: all)."""
-    config = dataclasses.replace(config, block_v=config.output_block_v or u.shape[-1])
     return gpu_forward.output(q, k, u, cum, all_states, config=config, interpret=interpret, gated=gated)
 
 

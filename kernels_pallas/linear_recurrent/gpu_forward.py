@@ -93,10 +93,11 @@ def _output_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, out_ref, *, gated):
 
 def output(q, k, v, cum, states, *, config, interpret, gated=True):
     """q/k [b, s, h, dk], v [b, s, h, dv], cum [b, h, s], states [b, h, n_chunks, dk, dv] (entering each chunk)
-    -> out [b, s, h, dv] in q's dtype. ``gated=False``: no gate (cum is zeros and not read)."""
+    -> out [b, s, h, dv] in q's dtype, by ``config.output_block_v`` value columns (None: all). ``gated=False``: no
+    gate (cum is zeros and not read)."""
     b, s, h, dk = q.shape
     dv = v.shape[-1]
-    chunk, block_v = config.chunk_size, config.block_v
+    chunk, block_v = config.chunk_size, config.output_block_v or dv
     qk_spec = seq_spec(chunk, dk, True, lambda bi, hi, n, vi: (bi, hi, n, 0))
     v_spec = seq_spec(chunk, block_v, True, lambda bi, hi, n, vi: (bi, hi, n, vi))
     cum_spec = pl.BlockSpec((None, None, chunk), lambda bi, hi, n, vi: (bi, hi, n))

@@ -113,7 +113,7 @@ def chunked_scalar_gate_recurrence(
     dv = v.shape[3]
     acc = c.compute_dtype(q.dtype)
     dk_pad, dv_pad = _entry.padded_head_dims(dk, dv, backend)
-    config = _entry.fill_blocks(config, {"block_k": dk_pad, "block_v": dv_pad})
+    config = _entry.fill_blocks(config, {"block_k": dk_pad, "block_v": dv_pad, "output_block_v": dv_pad})
     config = config_lib.more_state_programs(config, b * h, dk_pad, dv_pad)
     if config.fused_forward is None:  # by parallelism: the fused walk has one program per (batch, head, dv block)
         fused = b * h * (dv_pad // config.block_v) >= config_lib.FUSED_MIN_PROGRAMS

@@ -1,0 +1,112 @@
+"""The scalar-gate GPU kernels one at a time, under many launch settings: which tiling each kernel wants per shape.
+
+    PYTHONPATH=. python benchmarks/time_scalar_kernels.py [--shapes 0 1] [--kernels states output ...] [--quick]
+        [--state-warps 2 4] [--state-stages 3 4] [--smoke]
+
+Each kernel (``gpu_states.states`` / ``dstates``, ``gpu_forward.output`` / ``fused``, ``gpu_backward.gradients``)
+is called directly on ``linear_recurrent.inputs``' simple-GLA tensors in the kernels' layout (q, k, v [b, s, h, d]
+bf16, chunk-local cumulative gates [b, h, s] float32), jitted alone, and timed by ``linear_recurrent.timed``
+(batches of calls queued and waited for once). Prints ms per (shape, kernel, tiling), fastest first, and writes
+$OUT/time_scalar_kernels.json. Nothing is asserted; end-to-end numbers against fla are ``linear_recurrent.py``'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import linear_recurrent as lr  # noqa: E402
+from kernels_pallas.linear_recurrent import gpu_backward, gpu_forward, gpu_states  # noqa: E402
+from kernels_pallas.linear_recurrent.config import ChunkConfig  # noqa: E402
+
+OUT = os.environ.get("OUT", ".")
+CHUNK = 64
+
+
+def tilings(kernel, quick, width, warps_given=None, stages_given=None):
+    """ChunkConfigs to time for ``kernel`` at head dims ``width``: its blocks crossed with warps and stages (for
+    the state passes ``warps_given`` / ``stages_given`` replace the defaults)."""
+    warps, stages = ((4, 8), (2, 3)) if quick else ((1, 2, 4, 8), (2, 3, 4))
+    if kernel in ("states", "dstates"):
+        blocks = [(64, 64), (32, 64), (64, 32), (16, 64), (32, 32)]
+        warps, stages = warps_given or warps, stages_given or stages
+    elif kernel == "output":
+        blocks, warps, stages = [(None, 64), (None, 128)], tuple(w for w in warps if w > 1), (1, 2, 3)
+    elif kernel == "fused":
+        blocks, warps = [(None, 32), (None, 64), (None, 128)], tuple(w for w in warps if w > 2)
+    else:  # gradients: whole heads
+        blocks, warps, stages = [(None, None)], (4, 8), (1, 2, 3)
+    return [ChunkConfig(chunk_size=CHUNK, block_k=bk, block_v=bv, output_block_v=bv, num_warps=w, num_stages=st)
+            for (bk, bv), w, st in itertools.product(blocks, warps, stages) if max(bk or 0, bv or 0) <= width]
+
+
+def kernel_fn(kernel, config, interpret):
+    """A jitted call of one kernel on (q, k, v, cum, h0, states, dout) under ``config``."""
+    opts = dict(config=config, interpret=interpret)
+    if kernel == "states":
+        return jax.jit(lambda q, k, v, cum, h0, st, do: gpu_states.states(k, v, cum, h0, **opts))
+    if kernel == "dstates":
+        return jax.jit(lambda q, k, v, cum, h0, st, do: gpu_states.dstates(q, do, cum, h0, **opts))
+    if kernel == "output":
+        return jax.jit(lambda q, k, v, cum, h0, st, do: gpu_forward.output(q, k, v, cum, st, **opts))
+    if kernel == "fused":
+        return jax.jit(lambda q, k, v, cum, h0, st, do: gpu_forward.fused(q, k, v, cum, h0, save_states=True,
+                                                                          **opts)[:2])
+    return jax.jit(lambda q, k, v, cum, h0, st, do: gpu_backward.gradients(q, k, v, do, cum, st, st, **opts))
+
+
+def label(config):
+    return (f"[{config.block_k or 'dk'}, {config.block_v or 'dv'}] w{config.num_warps} s{config.num_stages}")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--kernels", nargs="+", default=["states", "dstates", "output", "fused", "gradients"],
+                        choices=["states", "dstates", "output", "fused", "gradients"])
+    parser.add_argument("--quick", action="store_true", help="2 warps x 2 stages settings only")
+    parser.add_argument("--state-warps", type=int, nargs="+", help="the state passes' warps to try")
+    parser.add_argument("--state-stages", type=int, nargs="+", help="the state passes' stages to try")
+    parser.add_argument("--smoke", action="store_true", help="a dry run on the CPU: tiny shape, interpreter")
+    args = parser.parse_args()
+    print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}, commit "
+          f"{os.environ.get('BENCH_COMMIT', '?')}, bf16, chunk {CHUNK}", flush=True)
+    results = []
+    for shape in args.shapes:
+        b, s, h, d = (1, 256, 2, 64) if args.smoke else lr.SHAPES[shape]
+        q, k, v, gate, dout = lr.inputs(jax.random.PRNGKey(0), b, s, h, d, "simple_gla")
+        cum = jnp.cumsum(jnp.swapaxes(gate, 1, 2).reshape(b, h, s // CHUNK, CHUNK), axis=-1).reshape(b, h, s)
+        h0 = jnp.zeros((b, h, d, d), jnp.float32)
+        states = jnp.zeros((b, h, s // CHUNK, d, d), jnp.bfloat16) + 0.01
+        operands = (q, k, v, cum, h0, states, dout)
+        for kernel in args.kernels:
+            rows = []
+            for config in tilings(kernel, args.quick, d, args.state_warps, args.state_stages):
+                fn = kernel_fn(kernel, config, args.smoke)
+                try:
+                    ms = 1e3 * lr.timed(lambda: fn(*operands), jax.block_until_ready, min_time=0.2)
+                except Exception as e:  # a tiling Triton cannot compile (shared memory, registers)
+                    ms, error = None, f"{type(e).__name__}: {str(e)[:80]}"
+                else:
+                    error = None
+                rows.append(dict(shape=f"B{b} S{s} H{h} D{d}", kernel=kernel, tiling=label(config), ms=ms,
+                                 error=error))
+            rows.sort(key=lambda r: float("inf") if r["ms"] is None else r["ms"])
+            for r in rows:
+                print(f"{r['shape']:>20} {kernel:>9} {r['tiling']:>20} "
+                      f"{'%.4f ms' % r['ms'] if r['ms'] is not None else r['error']}", flush=True)
+            results += rows
+            with open(os.path.join(OUT, "time_scalar_kernels.json"), "w") as f:
+                json.dump(dict(device=jax.devices()[0].device_kind, commit=os.environ.get("BENCH_COMMIT"),
+                               results=results), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
