@@ -82,6 +82,8 @@ SWEEP = {
     },
     "delta": {  # the walks by 64 value columns at any batch * heads (the default before min_block_v)
         "walk-block-v-64": dataclasses.replace(_DELTA, min_block_v=None),
+        "walk-stages-4": dataclasses.replace(_DELTA, walk_stages=4),  # latency-bound walks: loads further ahead
+        "walk-stages-5": dataclasses.replace(_DELTA, walk_stages=5),
     },
 }
 

@@ -123,6 +123,7 @@ BAD_ARGUMENTS = {
     "log gate per key dim": (dict(log_gate=jnp.zeros((1, 16, 2, 16))), "log_gate"),
     "positive log gate": (dict(log_gate=jnp.full((1, 16, 2), 0.1)), "log_gate must be <= 0"),
     "value block not a power of two": (dict(config=DeltaConfig(chunk_size=16, block_v=12)), "block_v"),
+    "walk stages not positive": (dict(config=DeltaConfig(chunk_size=16, walk_stages=0)), "walk_stages"),
     "value block floor not a power of two": (dict(config=DeltaConfig(chunk_size=16, min_block_v=24)), "min_block_v"),
     "explicit WY inverse on TPU": (dict(config=DeltaConfig(chunk_size=16, explicit_inverse=True), backend="mosaic_tpu"),
                                    "explicit_inverse"),

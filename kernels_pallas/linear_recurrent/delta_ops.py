@@ -80,6 +80,9 @@ class DeltaConfig:
         0.62.
       min_block_v: None, or the floor down to which block_v halves while the state walks would have fewer than
         ``config.FUSED_MIN_PROGRAMS`` programs (batch * heads * dv / block_v: few batch * heads).
+      walk_stages: Triton's pipeline stages for the GPU build's two state walks (None: num_stages). The scalar
+        gate's walks, latency-bound likewise, ran 17-45 % faster at 4-5 stages than at 3 (``ChunkConfig``); not yet
+        measured here (``linear_recurrent.py --sweep``: "walk-stages-4", "walk-stages-5").
     """
 
     chunk_size: int = 64
@@ -96,6 +99,7 @@ class DeltaConfig:
     output_block_v: int | None = None
     wy_inverse_warps: int | None = None
     min_block_v: int | None = None
+    walk_stages: int | None = None
 
     def validate(self, min_tile: int) -> None:
         """Raises ValueError unless chunk_size and the blocks are powers of two >= ``min_tile`` (or None where
@@ -107,9 +111,9 @@ class DeltaConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < min_tile or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two >= {min_tile}, got {value!r}")
-        for name in ("num_warps", "num_stages", "gradient_warps", "wy_inverse_warps"):
+        for name in ("num_warps", "num_stages", "gradient_warps", "wy_inverse_warps", "walk_stages"):
             value = getattr(self, name)
-            if value is None and name in ("gradient_warps", "wy_inverse_warps"):
+            if value is None and name in ("gradient_warps", "wy_inverse_warps", "walk_stages"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
