@@ -3,11 +3,13 @@
     PYTHONPATH=. python benchmarks/time_scalar_kernels.py [--shapes 0 1] [--kernels states output ...] [--quick]
         [--state-warps 2 4] [--state-stages 3 4] [--smoke]
 
-Each kernel (``gpu_states.states`` / ``dstates``, ``gpu_forward.output`` / ``fused``, ``gpu_backward.gradients``)
-is called directly on ``linear_recurrent.inputs``' simple-GLA tensors in the kernels' layout (q, k, v [b, s, h, d]
-bf16, chunk-local cumulative gates [b, h, s] float32), jitted alone, and timed by ``linear_recurrent.timed``
-(batches of calls queued and waited for once). Prints ms per (shape, kernel, tiling), fastest first, and writes
-$OUT/time_scalar_kernels.json. Nothing is asserted; end-to-end numbers against fla are ``linear_recurrent.py``'s.
+Each kernel (``gpu_states.states`` / ``dstates``, ``gpu_forward.output`` / ``fused``, ``gpu_backward.gradients``;
+the gated delta rule's walks ``delta_gpu.states`` / ``dstates``, the latter with its chunk-parallel weights kernel,
+by value block, warps and ``DeltaConfig.walk_stages``) is called directly on ``linear_recurrent.inputs``'
+simple-GLA tensors in the kernels' layout (q, k, v [b, s, h, d] bf16, chunk-local cumulative gates [b, h, s]
+float32), jitted alone, and timed by ``linear_recurrent.timed`` (batches of calls queued and waited for once).
+Prints ms per (shape, kernel, tiling), fastest first, and writes $OUT/time_scalar_kernels.json. Nothing is
+asserted; end-to-end numbers against fla are ``linear_recurrent.py``'s.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import linear_recurrent as lr  # noqa: E402
-from kernels_pallas.linear_recurrent import gpu_backward, gpu_forward, gpu_states  # noqa: E402
+from kernels_pallas.linear_recurrent import delta_gpu, gpu_backward, gpu_forward, gpu_states  # noqa: E402
 from kernels_pallas.linear_recurrent.config import ChunkConfig  # noqa: E402
+from kernels_pallas.linear_recurrent.delta_ops import DeltaConfig  # noqa: E402
 
 OUT = os.environ.get("OUT", ".")
 CHUNK = 64
@@ -34,6 +37,10 @@ def tilings(kernel, quick, width, warps_given=None, stages_given=None):
     """ChunkConfigs to time for ``kernel`` at head dims ``width``: its blocks crossed with warps and stages (for
     the state passes ``warps_given`` / ``stages_given`` replace the defaults)."""
     warps, stages = ((4, 8), (2, 3)) if quick else ((1, 2, 4, 8), (2, 3, 4))
+    if kernel.startswith("delta"):  # the walks carry [dk, block_v]; the weights kernel runs at num_warps
+        blocks, warps, stages = ((32, 64), (4,), (3, 4)) if quick else ((32, 64, 128), (4, 8), (2, 3, 4, 5))
+        return [DeltaConfig(chunk_size=CHUNK, block_v=bv, num_warps=w, num_stages=3, walk_stages=st)
+                for bv, w, st in itertools.product(blocks, warps, stages) if bv <= width]
     if kernel in ("states", "dstates"):
         blocks = [(64, 64), (32, 64), (64, 32), (16, 64), (32, 32)]
         warps, stages = warps_given or warps, stages_given or stages
@@ -54,6 +61,10 @@ def kernel_fn(kernel, config, interpret):
         return jax.jit(lambda q, k, v, cum, h0, st, do: gpu_states.states(k, v, cum, h0, **opts))
     if kernel == "dstates":
         return jax.jit(lambda q, k, v, cum, h0, st, do: gpu_states.dstates(q, do, cum, h0, **opts))
+    if kernel == "delta_states":  # q for the WY weights w (any finite values time the same)
+        return jax.jit(lambda q, k, v, cum, h0, st, do: delta_gpu.states(q, v, k, cum, h0, **opts))
+    if kernel == "delta_dstates":
+        return jax.jit(lambda q, k, v, cum, h0, st, do: delta_gpu.dstates(q, k, cum, st, v, st, do, h0, **opts))
     if kernel == "output":
         return jax.jit(lambda q, k, v, cum, h0, st, do: gpu_forward.output(q, k, v, cum, st, **opts))
     if kernel == "fused":
@@ -63,14 +74,17 @@ def kernel_fn(kernel, config, interpret):
 
 
 def label(config):
-    return (f"[{config.block_k or 'dk'}, {config.block_v or 'dv'}] w{config.num_warps} s{config.num_stages}")
+    if isinstance(config, DeltaConfig):
+        return f"[dk, {config.block_v}] w{config.num_warps} walk s{config.walk_stages}"
+    return f"[{config.block_k or 'dk'}, {config.block_v or 'dv'}] w{config.num_warps} s{config.num_stages}"
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--kernels", nargs="+", default=["states", "dstates", "output", "fused", "gradients"],
-                        choices=["states", "dstates", "output", "fused", "gradients"])
+                        choices=["states", "dstates", "output", "fused", "gradients", "delta_states",
+                                 "delta_dstates"])
     parser.add_argument("--quick", action="store_true", help="2 warps x 2 stages settings only")
     parser.add_argument("--state-warps", type=int, nargs="+", help="the state passes' warps to try")
     parser.add_argument("--state-stages", type=int, nargs="+", help="the state passes' stages to try")
@@ -100,7 +114,7 @@ def main():
                                  error=error))
             rows.sort(key=lambda r: float("inf") if r["ms"] is None else r["ms"])
             for r in rows:
-                print(f"{r['shape']:>20} {kernel:>9} {r['tiling']:>20} "
+                print(f"{r['shape']:>20} {kernel:>13} {r['tiling']:>22} "
                       f"{'%.4f ms' % r['ms'] if r['ms'] is not None else r['error']}", flush=True)
             results += rows
             with open(os.path.join(OUT, "time_scalar_kernels.json"), "w") as f:
