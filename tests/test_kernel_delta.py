@@ -186,3 +186,15 @@ def test_tpu_default_lowers_to_mosaic_kernels_on_a_cpu_only_machine():
     attend = lambda q, k, v, b, g: chunked_delta_recurrence(q, k, v, b, g, backend="mosaic_tpu")[0]
     f = jax.value_and_grad(lambda *a: attend(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2, 3, 4))
     assert kernel_helpers.mosaic_tpu_kernels_lowered(f, q, q, q, per_step, per_step) == 4
+
+
+def test_delta_gpu_default_halves_the_walks_value_block_only_where_few_programs():
+    # The delta rule's walks carry [dk, block_v]: batch * heads * dv / block_v programs, block_v halved below
+    # FUSED_MIN_PROGRAMS, not below min_block_v (GPU default 32).
+    from kernels_pallas.linear_recurrent import config as config_lib
+    from kernels_pallas.linear_recurrent.delta_ops import GPU_DEFAULT
+
+    halved = {bh: config_lib.halved_for_programs(GPU_DEFAULT.block_v, GPU_DEFAULT.min_block_v,
+                                                 lambda block: bh * (128 // block)) for bh in (1, 16, 64)}
+    assert halved == {1: 32, 16: 32, 64: 64}
+    assert config_lib.halved_for_programs(64, None, lambda block: 1) == 64

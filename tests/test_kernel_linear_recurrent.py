@@ -194,18 +194,6 @@ def test_backward_config_takes_the_reverse_pass_settings_and_rows():
     assert ChunkConfig(num_warps=4, num_stages=2).backward().state_launch() == (4, 2)
 
 
-def test_delta_gpu_default_halves_the_walks_value_block_only_where_few_programs():
-    # The delta rule's walks carry [dk, block_v]: batch * heads * dv / block_v programs, block_v halved below
-    # FUSED_MIN_PROGRAMS, not below min_block_v (GPU default 32).
-    from kernels_pallas.linear_recurrent import config as config_lib
-    from kernels_pallas.linear_recurrent.delta_ops import GPU_DEFAULT
-
-    halved = {bh: config_lib.halved_for_programs(GPU_DEFAULT.block_v, GPU_DEFAULT.min_block_v,
-                                                 lambda block: bh * (128 // block)) for bh in (1, 16, 64)}
-    assert halved == {1: 32, 16: 32, 64: 64}
-    assert config_lib.halved_for_programs(64, None, lambda block: 1) == 64
-
-
 def test_gpu_default_fuses_the_forward_only_where_it_has_enough_programs():
     # fused_forward=None: one sequential kernel when batch * heads * dv / block_v >= FUSED_MIN_PROGRAMS, else the
     # state pass and the chunk-parallel output (two kernels). Lowered for an H100, nothing runs.
