@@ -1,15 +1,17 @@
-"""The scalar-gate GPU kernels one at a time, under many launch settings: which tiling each kernel wants per shape.
+"""The chunked recurrences' GPU kernels one at a time, under many launch settings: which tiling each kernel wants.
 
     PYTHONPATH=. python benchmarks/time_scalar_kernels.py [--shapes 0 1] [--kernels states output ...] [--quick]
         [--state-warps 2 4] [--state-stages 3 4] [--smoke]
 
-Each kernel (``gpu_states.states`` / ``dstates``, ``gpu_forward.output`` / ``fused``, ``gpu_backward.gradients``;
-the gated delta rule's walks ``delta_gpu.states`` / ``dstates``, the latter with its chunk-parallel weights kernel,
-by value block, warps and ``DeltaConfig.walk_stages``) is called directly on ``linear_recurrent.inputs``'
-simple-GLA tensors in the kernels' layout (q, k, v [b, s, h, d] bf16, chunk-local cumulative gates [b, h, s]
-float32), jitted alone, and timed by ``linear_recurrent.timed`` (batches of calls queued and waited for once).
-Prints ms per (shape, kernel, tiling), fastest first, and writes $OUT/time_scalar_kernels.json. Nothing is
-asserted; end-to-end numbers against fla are ``linear_recurrent.py``'s.
+Each kernel (the scalar gate's ``gpu_states.states`` / ``dstates``, ``gpu_forward.output`` / ``fused``,
+``gpu_backward.gradients``; the gated delta rule's walks ``delta_gpu.states`` / ``dstates``, the latter with its
+chunk-parallel weights kernel, by value block, warps and ``DeltaConfig.walk_stages``; GLA's state passes
+``vector_gate_gpu.states`` / ``dstates`` by state block, warps and stages) is called directly on
+``linear_recurrent.inputs``' simple-GLA tensors in the kernels' layout (q, k, v [b, s, h, d] bf16, chunk-local
+cumulative gates [b, h, s] float32, for GLA broadcast over d and divided by 16), jitted alone, and timed by
+``linear_recurrent.timed`` (batches of calls queued and waited for once). Prints ms per (shape, kernel, tiling),
+fastest first, and writes $OUT/time_scalar_kernels.json. Nothing is asserted; end-to-end numbers against fla are
+``linear_recurrent.py``'s.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import linear_recurrent as lr  # noqa: E402
-from kernels_pallas.linear_recurrent import delta_gpu, gpu_backward, gpu_forward, gpu_states  # noqa: E402
+from kernels_pallas.linear_recurrent import (delta_gpu, gpu_backward, gpu_forward, gpu_states,  # noqa: E402
+                                              vector_gate_gpu)
 from kernels_pallas.linear_recurrent.config import ChunkConfig  # noqa: E402
 from kernels_pallas.linear_recurrent.delta_ops import DeltaConfig  # noqa: E402
+from kernels_pallas.linear_recurrent.vector_gate_ops import VectorGateConfig  # noqa: E402
 
 OUT = os.environ.get("OUT", ".")
 CHUNK = 64
@@ -41,6 +45,12 @@ def tilings(kernel, quick, width, warps_given=None, stages_given=None):
         blocks, warps, stages = ((32, 64), (4,), (3, 4)) if quick else ((32, 64, 128), (4, 8), (2, 3, 4, 5))
         return [DeltaConfig(chunk_size=CHUNK, block_v=bv, num_warps=w, num_stages=3, walk_stages=st)
                 for bv, w, st in itertools.product(blocks, warps, stages) if bv <= width]
+    if kernel.startswith("gla"):  # GLA's state passes: [state_block_k, state_block_v] blocks
+        blocks = [(64, 64), (32, 64), (16, 64)]
+        warps, stages = warps_given or (2, 4, 8), stages_given or (2, 3, 4, 5)
+        return [VectorGateConfig(chunk_size=CHUNK, sub_chunk=16, state_block_k=bk, state_block_v=bv, state_warps=w,
+                                 state_stages=st, dstate_warps=w, dstate_stages=st)
+                for (bk, bv), w, st in itertools.product(blocks, warps, stages) if max(bk, bv) <= width]
     if kernel in ("states", "dstates"):
         blocks = [(64, 64), (32, 64), (64, 32), (16, 64), (32, 32)]
         warps, stages = warps_given or warps, stages_given or stages
@@ -55,25 +65,29 @@ def tilings(kernel, quick, width, warps_given=None, stages_given=None):
 
 
 def kernel_fn(kernel, config, interpret):
-    """A jitted call of one kernel on (q, k, v, cum, h0, states, dout) under ``config``."""
+    """A jitted call of one kernel on (q, k, v, cum, h0, states, dout, vector_cum) under ``config``."""
     opts = dict(config=config, interpret=interpret)
-    if kernel == "states":
-        return jax.jit(lambda q, k, v, cum, h0, st, do: gpu_states.states(k, v, cum, h0, **opts))
-    if kernel == "dstates":
-        return jax.jit(lambda q, k, v, cum, h0, st, do: gpu_states.dstates(q, do, cum, h0, **opts))
-    if kernel == "delta_states":  # q for the WY weights w (any finite values time the same)
-        return jax.jit(lambda q, k, v, cum, h0, st, do: delta_gpu.states(q, v, k, cum, h0, **opts))
-    if kernel == "delta_dstates":
-        return jax.jit(lambda q, k, v, cum, h0, st, do: delta_gpu.dstates(q, k, cum, st, v, st, do, h0, **opts))
-    if kernel == "output":
-        return jax.jit(lambda q, k, v, cum, h0, st, do: gpu_forward.output(q, k, v, cum, st, **opts))
-    if kernel == "fused":
-        return jax.jit(lambda q, k, v, cum, h0, st, do: gpu_forward.fused(q, k, v, cum, h0, save_states=True,
-                                                                          **opts)[:2])
-    return jax.jit(lambda q, k, v, cum, h0, st, do: gpu_backward.gradients(q, k, v, do, cum, st, st, **opts))
+    calls = {
+        "states": lambda q, k, v, cum, h0, st, do, vcum: gpu_states.states(k, v, cum, h0, **opts),
+        "dstates": lambda q, k, v, cum, h0, st, do, vcum: gpu_states.dstates(q, do, cum, h0, **opts),
+        # q for the WY weights w (any finite values time the same)
+        "delta_states": lambda q, k, v, cum, h0, st, do, vcum: delta_gpu.states(q, v, k, cum, h0, **opts),
+        "delta_dstates": lambda q, k, v, cum, h0, st, do, vcum: delta_gpu.dstates(q, k, cum, st, v, st, do, h0,
+                                                                                  **opts),
+        "gla_states": lambda q, k, v, cum, h0, st, do, vcum: vector_gate_gpu.states(k, v, vcum, h0, **opts),
+        "gla_dstates": lambda q, k, v, cum, h0, st, do, vcum: vector_gate_gpu.dstates(q, do, vcum, h0, **opts),
+        "output": lambda q, k, v, cum, h0, st, do, vcum: gpu_forward.output(q, k, v, cum, st, **opts),
+        "fused": lambda q, k, v, cum, h0, st, do, vcum: gpu_forward.fused(q, k, v, cum, h0, save_states=True,
+                                                                          **opts)[:2],
+        "gradients": lambda q, k, v, cum, h0, st, do, vcum: gpu_backward.gradients(q, k, v, do, cum, st, st,
+                                                                                   **opts),
+    }
+    return jax.jit(calls[kernel])
 
 
 def label(config):
+    if isinstance(config, VectorGateConfig):
+        return f"[{config.state_block_k}, {config.state_block_v}] w{config.state_warps} s{config.state_stages}"
     if isinstance(config, DeltaConfig):
         return f"[dk, {config.block_v}] w{config.num_warps} walk s{config.walk_stages}"
     return f"[{config.block_k or 'dk'}, {config.block_v or 'dv'}] w{config.num_warps} s{config.num_stages}"
@@ -84,7 +98,7 @@ def main():
     parser.add_argument("--shapes", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--kernels", nargs="+", default=["states", "dstates", "output", "fused", "gradients"],
                         choices=["states", "dstates", "output", "fused", "gradients", "delta_states",
-                                 "delta_dstates"])
+                                 "delta_dstates", "gla_states", "gla_dstates"])
     parser.add_argument("--quick", action="store_true", help="2 warps x 2 stages settings only")
     parser.add_argument("--state-warps", type=int, nargs="+", help="the state passes' warps to try")
     parser.add_argument("--state-stages", type=int, nargs="+", help="the state passes' stages to try")
@@ -99,7 +113,8 @@ def main():
         cum = jnp.cumsum(jnp.swapaxes(gate, 1, 2).reshape(b, h, s // CHUNK, CHUNK), axis=-1).reshape(b, h, s)
         h0 = jnp.zeros((b, h, d, d), jnp.float32)
         states = jnp.zeros((b, h, s // CHUNK, d, d), jnp.bfloat16) + 0.01
-        operands = (q, k, v, cum, h0, states, dout)
+        vector_cum = jnp.broadcast_to(jnp.swapaxes(cum, 1, 2)[..., None] / 16, (b, s, h, d))  # a GLA-like gate
+        operands = (q, k, v, cum, h0, states, dout, vector_cum)
         for kernel in args.kernels:
             rows = []
             for config in tilings(kernel, args.quick, d, args.state_warps, args.state_stages):

@@ -32,8 +32,8 @@ from kernels_pallas.linear_recurrent import vector_gate_forward as fwd
 from kernels_pallas.linear_recurrent.gpu_forward import seq_spec
 
 
-def _params(config, num_warps=None):
-    return plgpu.CompilerParams(num_warps=num_warps or config.num_warps, num_stages=config.num_stages)
+def _params(config, num_warps=None, num_stages=None):
+    return plgpu.CompilerParams(num_warps=num_warps or config.num_warps, num_stages=num_stages or config.num_stages)
 
 
 def _states_kernel(k_ref, v_ref, cum_ref, h0_ref, states_ref, final_ref, *, chunk, n_chunks):
@@ -71,7 +71,7 @@ def states(k, v, cum, h0, *, config, interpret):
         in_specs=[seq_k, seq_v, seq_k, state],
         out_specs=[all_states, state],
         out_shape=[jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), k.dtype), jax.ShapeDtypeStruct(h0.shape, h0.dtype)],
-        compiler_params=_params(config),
+        compiler_params=_params(config, config.state_warps, config.state_stages),
         interpret=interpret,
         name="vector_gate_states",
     )(k, v, cum, h0)
@@ -104,7 +104,7 @@ def dstates(q, dout, cum, dfinal, *, config, interpret):
         out_specs=[all_states, state],
         out_shape=[jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), q.dtype),
                    jax.ShapeDtypeStruct(dfinal.shape, dfinal.dtype)],
-        compiler_params=_params(config),
+        compiler_params=_params(config, config.dstate_warps, config.dstate_stages),
         interpret=interpret,
         name="vector_gate_dstates",
     )(q, dout, cum, dfinal)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from attn import _common as c
 from kernels_pallas.linear_recurrent import _entry
+from kernels_pallas.linear_recurrent import config as chunk_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,12 @@ class VectorGateConfig:
         float32 copies of q's size in the backward.
       scores_warps: num_warps of the forward's scores kernel of ``scores_kernel`` (None = num_warps): its tiles
         are [sub_chunk, dk].
+      state_warps, state_stages: GPU launch settings of the forward's sequential state pass; dstate_warps,
+        dstate_stages: those of the backward's reverse pass (None: num_warps / num_stages). The walks are
+        latency-bound: Triton's software pipelining (stages) loads chunks ahead.
+      min_state_block_k: None, or the floor down to which state_block_k is halved while the state passes have
+        fewer than ``config.FUSED_MIN_PROGRAMS`` (128) programs (few batch * heads; rows of the state are independent
+        under a per-dimension gate).
     """
 
     chunk_size: int = 64
@@ -47,10 +54,15 @@ class VectorGateConfig:
     num_stages: int = 2
     scores_kernel: bool = False
     scores_warps: int | None = None
+    state_warps: int | None = None
+    state_stages: int | None = None
+    dstate_warps: int | None = None
+    dstate_stages: int | None = None
+    min_state_block_k: int | None = None
 
     def validate(self, min_tile: int) -> None:
         """Raises ValueError unless the sizes are powers of two >= ``min_tile`` and sub_chunk divides chunk_size."""
-        for name in ("chunk_size", "sub_chunk", "state_block_k", "state_block_v", "block_v"):
+        for name in ("chunk_size", "sub_chunk", "state_block_k", "state_block_v", "block_v", "min_state_block_k"):
             value = getattr(self, name)
             if value is None and name != "chunk_size" and name != "sub_chunk":
                 continue
@@ -58,9 +70,10 @@ class VectorGateConfig:
                 raise ValueError(f"{name} must be a power of two >= {min_tile}, got {value!r}")
         if self.chunk_size % self.sub_chunk:
             raise ValueError(f"sub_chunk ({self.sub_chunk}) must divide chunk_size ({self.chunk_size})")
-        for name in ("num_warps", "num_stages", "scores_warps"):
+        for name in ("num_warps", "num_stages", "scores_warps", "state_warps", "state_stages", "dstate_warps",
+                     "dstate_stages"):
             value = getattr(self, name)
-            if value is None and name == "scores_warps":
+            if value is None and name not in ("num_warps", "num_stages"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -170,6 +183,10 @@ def chunked_vector_gate_recurrence(
     dv = v.shape[3]
     dk_pad, dv_pad = _entry.padded_head_dims(dk, dv, backend)
     config = _entry.fill_blocks(config, {"state_block_k": dk_pad, "state_block_v": dv_pad, "block_v": dv_pad})
+    state_block_k = chunk_config.halved_for_programs(
+        config.state_block_k, config.min_state_block_k,
+        lambda block: b * q.shape[2] * (dk_pad // block) * (dv_pad // config.state_block_v))
+    config = dataclasses.replace(config, state_block_k=state_block_k)
     chunk = config.chunk_size
     s_pad = _entry.padded_length(s, chunk)
     acc = c.compute_dtype(q.dtype)
