@@ -23,9 +23,9 @@ Writes $OUT/linear_recurrent.json after every case and $OUT/linear_recurrent.md 
 ``--variants`` picks a subset, ``--shapes`` the shapes (indices), ``--no-xla`` skips XLA's chunked form (its
 compiles cost device time); ``--merge a.json b.json ...`` runs nothing and joins several device calls' files into
 one JSON + table (ratios stay within each call: fla's compile and autotuning take minutes per variant, so one
-session's full run spans several calls); ``--sweep`` also times the Pallas kernels under each tiling of SWEEP (rows
-"pallas[label]"), to tune the defaults; ``--smoke`` runs the whole script on the CPU at a tiny shape in Pallas'
-interpreter, without fla (a dry run of the script, not a measurement).
+session's full run spans several calls); ``--sweep [LABEL ...]`` also times the Pallas kernels under each tiling
+of SWEEP (rows "pallas[label]"; only the labels given, if any), to tune the defaults; ``--smoke`` runs the whole
+script on the CPU at a tiny shape in Pallas' interpreter, without fla (a dry run of the script, not a measurement).
 """
 
 from __future__ import annotations
@@ -74,6 +74,8 @@ SWEEP = {
         "state-32x32": dataclasses.replace(_SCALAR, block_k=32, block_v=32),
     },
     "vector": {
+        "states-8-warps-2-stages": dataclasses.replace(_VECTOR, state_warps=None, state_stages=None, dstate_warps=None,
+                                                       dstate_stages=None),  # the state passes before 7153b22
         "sub-32": dataclasses.replace(_VECTOR, sub_chunk=32),
         "state-128x64": dataclasses.replace(_VECTOR, state_block_k=None),
         "block-v-64": dataclasses.replace(_VECTOR, block_v=64),
@@ -82,8 +84,8 @@ SWEEP = {
     },
     "delta": {  # the walks by 64 value columns at any batch * heads (the default before min_block_v)
         "walk-block-v-64": dataclasses.replace(_DELTA, min_block_v=None),
-        "walk-stages-4": dataclasses.replace(_DELTA, walk_stages=4),  # latency-bound walks: loads further ahead
-        "walk-stages-5": dataclasses.replace(_DELTA, walk_stages=5),
+        "walk-block-v-32": dataclasses.replace(_DELTA, min_block_v=32, walk_stages=None),  # the default at be370aa
+        "walk-stages-3": dataclasses.replace(_DELTA, walk_stages=None),  # latency-bound walks: loads less far ahead
     },
 }
 
@@ -322,7 +324,8 @@ def main():
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="no run: merge these result files (device calls of one session) into one JSON + table")
     parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
-    parser.add_argument("--sweep", action="store_true", help="also time the Pallas kernels under SWEEP's tilings")
+    parser.add_argument("--sweep", nargs="*", default=None, metavar="LABEL",
+                        help="also time the Pallas kernels under SWEEP's tilings (those labels only, if given)")
     parser.add_argument("--smoke", action="store_true", help="CPU dry run: tiny shape, interpret mode, no fla")
     parser.add_argument("--try-fla-refused", action="store_true",
                         help="also run fla's backwards in FLA_REFUSES_BACKWARD (it refuses them on Triton 3.6)")
@@ -339,7 +342,8 @@ def main():
     for b, s, h, d in shapes:
         for variant in args.variants:
             kernel = {"gla": "vector", "delta_rule": "delta", "gated_delta_rule": "delta"}.get(variant, "scalar")
-            tilings = SWEEP[kernel] if args.sweep and kernel else {}
+            tilings = {} if args.sweep is None else {label: tiling for label, tiling in SWEEP[kernel].items()
+                                                      if not args.sweep or label in args.sweep}
             impls = ([] if args.no_xla else ["xla_chunked"]) + ["pallas"] + [f"pallas[{label}]" for label in tilings]
             impls.append("fla")
             q, k, v, gate, dout = inputs(jax.random.key(0), b, s, h, d, variant)

@@ -42,7 +42,7 @@ def tilings(kernel, quick, width, warps_given=None, stages_given=None):
     the state passes ``warps_given`` / ``stages_given`` replace the defaults)."""
     warps, stages = ((4, 8), (2, 3)) if quick else ((1, 2, 4, 8), (2, 3, 4))
     if kernel.startswith("delta"):  # the walks carry [dk, block_v]; the weights kernel runs at num_warps
-        blocks, warps, stages = ((32, 64), (4,), (3, 4)) if quick else ((32, 64, 128), (4, 8), (2, 3, 4, 5))
+        blocks, warps, stages = ((16, 32), (4,), (4,)) if quick else ((16, 32, 64), (2, 4), (3, 4, 5))
         return [DeltaConfig(chunk_size=CHUNK, block_v=bv, num_warps=w, num_stages=3, walk_stages=st)
                 for bv, w, st in itertools.product(blocks, warps, stages) if bv <= width]
     if kernel.startswith("gla"):  # GLA's state passes: [state_block_k, state_block_v] blocks

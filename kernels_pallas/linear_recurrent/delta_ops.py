@@ -80,9 +80,10 @@ class DeltaConfig:
         0.62.
       min_block_v: None, or the floor down to which block_v halves while the state walks would have fewer than
         ``config.FUSED_MIN_PROGRAMS`` programs (batch * heads * dv / block_v: few batch * heads).
-      walk_stages: Triton's pipeline stages for the GPU build's two state walks (None: num_stages). The scalar
-        gate's walks, latency-bound likewise, ran 17-45 % faster at 4-5 stages than at 3 (``ChunkConfig``); not yet
-        measured here (``linear_recurrent.py --sweep``: "walk-stages-4", "walk-stages-5").
+      walk_stages: Triton's pipeline stages for the GPU build's two state walks (None: num_stages). H200, gated,
+        D128 bf16, ms at B4 S8192 H16 [dk, 64] / B1 S32768 H16 [dk, 32], 4 warps (``time_scalar_kernels.py``,
+        ``time_scalar_kernels_gla_delta_h200.txt``): forward walk 0.269 / 0.725 at 4 stages, 0.278 / 0.731 at 3,
+        0.285 / 0.721 at 5; reverse walk with its weights kernel 0.839 / 1.514 at 4, 0.841 / 1.525 at 3.
     """
 
     chunk_size: int = 64
@@ -149,8 +150,11 @@ class DeltaConfig:
 # The walks by 32 value columns where batch * heads is small (min_block_v): H200, gated, B1 S32768 H16 D128 bf16
 # (linear_recurrent.py --sweep "walk-block-v-32", fla in the same call, linear_recurrent_h200_sweep_b1_be370aa.json),
 # M tokens/s forward / forward+backward 24.5 / 7.78 against 20.6 / 6.94 by 64 (32 programs); fla's forward 25.3.
+# Each walk alone (time_scalar_kernels.py) at B1 took 0.72 ms by 32 columns (64 programs) against 0.27 at B4 by 64
+# (128 programs) for the same work: the walks are latency chains, so 16 columns (128 programs at B1) is the floor.
 GPU_DEFAULT = DeltaConfig(chunk_size=64, block_v=64, num_warps=4, num_stages=3, gradient_warps=8,
-                          wy_backward_column_block=64, wy_inverse_warps=1, wy_column_block=128, min_block_v=32)
+                          wy_backward_column_block=64, wy_inverse_warps=1, wy_column_block=128, min_block_v=16,
+                          walk_stages=4)
 # TPU: chunk rows are sublanes; the state block takes all of dv (lanes).
 TPU_DEFAULT = DeltaConfig(chunk_size=128, block_v=None)
 # CPU interpret mode (tests): small chunks so that short inputs take several (16: the GPU build's smallest tile);

@@ -10,7 +10,6 @@ import jax.numpy as jnp
 
 from attn import _common as c
 from kernels_pallas.linear_recurrent import _entry
-from kernels_pallas.linear_recurrent import config as chunk_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,10 +38,12 @@ class VectorGateConfig:
         are [sub_chunk, dk].
       state_warps, state_stages: GPU launch settings of the forward's sequential state pass; dstate_warps,
         dstate_stages: those of the backward's reverse pass (None: num_warps / num_stages). The walks are
-        latency-bound: Triton's software pipelining (stages) loads chunks ahead.
-      min_state_block_k: None, or the floor down to which state_block_k is halved while the state passes have
-        fewer than ``config.FUSED_MIN_PROGRAMS`` (128) programs (few batch * heads; rows of the state are independent
-        under a per-dimension gate).
+        latency-bound: Triton's software pipelining (stages) loads chunks ahead. H200, D128 bf16, ms at B4 S8192
+        H16 / B1 S32768 H16 (``benchmarks/time_scalar_kernels.py``, ``time_scalar_kernels_gla_delta_h200.txt``):
+        forward pass [64, 64] at 4 warps and 4 stages 0.342 / 0.821, at 8 warps and 2 stages (num_warps /
+        num_stages, the setting before) - / 1.247; reverse pass likewise 0.306 / 0.678 against - / 1.304 (B4 at 8
+        warps and 2 stages: 0.71 / 0.69 in ``check_gla_kernel_passes_h200.txt``, an earlier build). At B1 [16, 64]
+        blocks at 2 warps and 3 stages were fastest (0.710 / 0.686; untimed at B4).
     """
 
     chunk_size: int = 64
@@ -58,11 +59,10 @@ class VectorGateConfig:
     state_stages: int | None = None
     dstate_warps: int | None = None
     dstate_stages: int | None = None
-    min_state_block_k: int | None = None
 
     def validate(self, min_tile: int) -> None:
         """Raises ValueError unless the sizes are powers of two >= ``min_tile`` and sub_chunk divides chunk_size."""
-        for name in ("chunk_size", "sub_chunk", "state_block_k", "state_block_v", "block_v", "min_state_block_k"):
+        for name in ("chunk_size", "sub_chunk", "state_block_k", "state_block_v", "block_v"):
             value = getattr(self, name)
             if value is None and name != "chunk_size" and name != "sub_chunk":
                 continue
@@ -87,7 +87,8 @@ class VectorGateConfig:
 # warps 2.33 / 6.20, at 8 3.09 / 6.70; the one-kernel output and gradients 4.89 / 9.96. Gates strong enough for
 # the column loop in every sub-chunk: 3.83 / 9.19.
 GPU_DEFAULT = VectorGateConfig(chunk_size=64, sub_chunk=16, state_block_k=64, state_block_v=64, block_v=None,
-                               num_warps=8, num_stages=2, scores_kernel=True, scores_warps=2)
+                               num_warps=8, num_stages=2, scores_kernel=True, scores_warps=2, state_warps=4,
+                               state_stages=4, dstate_warps=4, dstate_stages=4)
 # TPU: chunk rows are sublanes (multiples of 8); the chunk-parallel tiles take all of dk and dv.
 TPU_DEFAULT = VectorGateConfig(chunk_size=128, sub_chunk=32, state_block_k=None, state_block_v=None)
 # CPU interpret mode (tests): small chunks so that short inputs take several chunks and sub-chunks (16 is the
@@ -183,10 +184,6 @@ def chunked_vector_gate_recurrence(
     dv = v.shape[3]
     dk_pad, dv_pad = _entry.padded_head_dims(dk, dv, backend)
     config = _entry.fill_blocks(config, {"state_block_k": dk_pad, "state_block_v": dv_pad, "block_v": dv_pad})
-    state_block_k = chunk_config.halved_for_programs(
-        config.state_block_k, config.min_state_block_k,
-        lambda block: b * q.shape[2] * (dk_pad // block) * (dv_pad // config.state_block_v))
-    config = dataclasses.replace(config, state_block_k=state_block_k)
     chunk = config.chunk_size
     s_pad = _entry.padded_length(s, chunk)
     acc = c.compute_dtype(q.dtype)
