@@ -190,11 +190,11 @@ def test_tpu_default_lowers_to_mosaic_kernels_on_a_cpu_only_machine():
 
 def test_delta_gpu_default_halves_the_walks_value_block_only_where_few_programs():
     # The delta rule's walks carry [dk, block_v]: batch * heads * dv / block_v programs, block_v halved below
-    # FUSED_MIN_PROGRAMS, not below min_block_v (GPU default 32).
+    # FUSED_MIN_PROGRAMS, not below min_block_v (GPU default 16).
     from kernels_pallas.linear_recurrent import config as config_lib
     from kernels_pallas.linear_recurrent.delta_ops import GPU_DEFAULT
 
     halved = {bh: config_lib.halved_for_programs(GPU_DEFAULT.block_v, GPU_DEFAULT.min_block_v,
                                                  lambda block: bh * (128 // block)) for bh in (1, 16, 64)}
-    assert halved == {1: 32, 16: 32, 64: 64}
+    assert halved == {1: 16, 16: 16, 64: 64}
     assert config_lib.halved_for_programs(64, None, lambda block: 1) == 64
