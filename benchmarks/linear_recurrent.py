@@ -20,12 +20,13 @@ compiled executable's arguments + outputs + temporaries (XLA's memory analysis),
 reset. Each case also records the relative error of the outputs against XLA's chunked form (float32 maths).
 Writes $OUT/linear_recurrent.json after every case and $OUT/linear_recurrent.md at the end.
 
-``--variants`` picks a subset, ``--shapes`` the shapes (indices), ``--no-xla`` skips XLA's chunked form (its
-compiles cost device time); ``--merge a.json b.json ...`` runs nothing and joins several device calls' files into
-one JSON + table (ratios stay within each call: fla's compile and autotuning take minutes per variant, so one
-session's full run spans several calls); ``--sweep [LABEL ...]`` also times the Pallas kernels under each tiling
-of SWEEP (rows "pallas[label]"; only the labels given, if any), to tune the defaults; ``--smoke`` runs the whole
-script on the CPU at a tiny shape in Pallas' interpreter, without fla (a dry run of the script, not a measurement).
+``--variants`` picks a subset, ``--modes`` the modes, ``--shapes`` the shapes (indices), ``--no-xla`` skips XLA's
+chunked form (its compiles cost device time); ``--merge a.json b.json ...`` runs nothing and joins several device
+calls' files into one JSON + table (ratios stay within each call: fla's compile and autotuning take minutes per
+variant, so one session's full run spans several calls); ``--sweep [LABEL ...]`` also times the Pallas kernels under
+each tiling of SWEEP (rows "pallas[label]"; only the labels given, if any), to tune the defaults; ``--smoke`` runs
+the whole script on the CPU at a tiny shape in Pallas' interpreter, without fla (a dry run of the script, not a
+measurement).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from kernels_pallas.linear_recurrent import vector_gate_ops  # noqa: E402
 OUT = os.environ.get("OUT", ".")
 SHAPES = [(4, 8192, 16, 128), (1, 32768, 16, 128)]
 VARIANTS = ("simple_gla", "linear", "retention", "gla", "delta_rule", "gated_delta_rule")
+MODES = ("forward", "forward+backward")
 FIXED_GATE = ("retention",)  # the gate is a constant: no gradient
 # fla 0.6.0 refuses these backwards on Triton < 3.7.1 on Hopper ("produces incorrect results for gated
 # chunk_bwd_dqkwg"), after a minute of compiling: skipped unless --try-fla-refused.
@@ -324,6 +326,7 @@ def main():
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="no run: merge these result files (device calls of one session) into one JSON + table")
     parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
     parser.add_argument("--sweep", nargs="*", default=None, metavar="LABEL",
                         help="also time the Pallas kernels under SWEEP's tilings (those labels only, if given)")
     parser.add_argument("--smoke", action="store_true", help="CPU dry run: tiny shape, interpret mode, no fla")
@@ -348,7 +351,7 @@ def main():
             impls.append("fla")
             q, k, v, gate, dout = inputs(jax.random.key(0), b, s, h, d, variant)
             shape = f"B{b} S{s} H{h} D{d}"
-            for mode in ("forward", "forward+backward"):
+            for mode in args.modes:
                 reference_out = None
                 for impl in impls:
                     row = dict(variant=variant, shape=shape, mode=mode, impl=impl)
