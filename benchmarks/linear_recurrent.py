@@ -77,7 +77,7 @@ SWEEP = {
     },
     "vector": {
         "states-8-warps-2-stages": dataclasses.replace(_VECTOR, state_warps=None, state_stages=None, dstate_warps=None,
-                                                       dstate_stages=None),  # the state passes before 7153b22
+                                                       dstate_stages=None),  # the state passes before 26b2b87
         "sub-32": dataclasses.replace(_VECTOR, sub_chunk=32),
         "state-128x64": dataclasses.replace(_VECTOR, state_block_k=None),
         "block-v-64": dataclasses.replace(_VECTOR, block_v=64),
@@ -86,7 +86,7 @@ SWEEP = {
     },
     "delta": {  # the walks by 64 value columns at any batch * heads (the default before min_block_v)
         "walk-block-v-64": dataclasses.replace(_DELTA, min_block_v=None),
-        "walk-block-v-32": dataclasses.replace(_DELTA, min_block_v=32, walk_stages=None),  # the default at be370aa
+        "walk-block-v-32": dataclasses.replace(_DELTA, min_block_v=32, walk_stages=None),  # the default before 26b2b87
         "walk-stages-3": dataclasses.replace(_DELTA, walk_stages=None),  # latency-bound walks: loads less far ahead
     },
 }

@@ -107,6 +107,7 @@ BAD_ARGUMENTS = {
     "sub-chunk not dividing the chunk": (dict(config=VectorGateConfig(chunk_size=16, sub_chunk=32)), "sub_chunk"),
     "scores kernel on TPU": (dict(config=VectorGateConfig(scores_kernel=True), backend="mosaic_tpu"),
                              "scores_kernel"),
+    "reverse state pass stages not positive": (dict(config=VectorGateConfig(dstate_stages=0)), "dstate_stages"),
     **helpers.COMMON_BAD_ARGUMENTS,
 }
 
