@@ -43,7 +43,9 @@ class VectorGateConfig:
         forward pass [64, 64] at 4 warps and 4 stages 0.342 / 0.821, at 8 warps and 2 stages (num_warps /
         num_stages, the setting before) - / 1.247; reverse pass likewise 0.306 / 0.678 against - / 1.304 (B4 at 8
         warps and 2 stages: 0.71 / 0.69 in ``check_gla_kernel_passes_h200.txt``, an earlier build). At B1 [16, 64]
-        blocks at 2 warps and 3 stages were fastest (0.710 / 0.686; untimed at B4).
+        blocks at 2 warps and 3 stages were fastest (0.710 / 0.686; untimed at B4). GLA at B1, same call as fla
+        (``linear_recurrent_h200_b1_a872a32.md``): forward 13.9 M tokens/s / forward+backward 4.99 M against 11.8
+        / 4.32 with the state passes at 8 warps and 2 stages (fla 19.5 / 4.57).
     """
 
     chunk_size: int = 64
