@@ -26,7 +26,12 @@ calls' files into one JSON + table (ratios stay within each call: fla's compile 
 variant, so one session's full run spans several calls); ``--sweep [LABEL ...]`` also times the Pallas kernels under
 each tiling of SWEEP (rows "pallas[label]"; only the labels given, if any), to tune the defaults; ``--smoke`` runs
 the whole script on the CPU at a tiny shape in Pallas' interpreter, without fla (a dry run of the script, not a
-measurement).
+measurement). ``--triton-cache DIR`` makes DIR Triton's cache (``TRITON_CACHE_DIR``): its compiled kernels and the
+results of fla's autotuning, which fla asks Triton to keep (``FLA_CACHE_RESULTS``, on by default;
+``TRITON_CACHE_AUTOTUNING=1`` for any kernel that does not). Its ``*.autotune.json`` files, carried to a later device
+call in the same DIR, make fla run the configs its autotuner chose before (same GPU kind, Triton and fla) instead of
+timing every candidate again: that took up to ~300 s per variant and shape (GLA at B1). fla's timed calls are the
+same either way; autotuning only picks the config.
 """
 
 from __future__ import annotations
@@ -318,6 +323,8 @@ def merge(paths):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--fla-wheel", default=None, help="path of the fla-core 0.6.0 wheel to import fla from")
+    parser.add_argument("--triton-cache", default=None, metavar="DIR",
+                        help="keep Triton's kernels and fla's autotuning choices in DIR, to carry to later calls")
     parser.add_argument("--quick", action="store_true", help="first shape only")
     parser.add_argument("--shapes", nargs="+", type=int, default=None,
                         help="indices into SHAPES (0: B4 S8192, 1: B1 S32768); default both, or 0 with --quick")
@@ -338,6 +345,9 @@ def main():
         return
     global SMOKE
     SMOKE = args.smoke
+    if args.triton_cache:  # read by Triton when fla's kernels are defined: before fla is imported
+        os.environ["TRITON_CACHE_DIR"] = os.path.abspath(args.triton_cache)
+        os.environ["TRITON_CACHE_AUTOTUNING"] = "1"
     fla = None if args.smoke else load_fla(args.fla_wheel)
     indices = args.shapes if args.shapes is not None else [0] if args.quick else range(len(SHAPES))
     shapes = [(1, 64, 2, 64)] if args.smoke else [SHAPES[i] for i in indices]
