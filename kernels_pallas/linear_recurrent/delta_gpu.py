@@ -34,18 +34,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from kernels_pallas.linear_recurrent import delta_math
 from kernels_pallas.linear_recurrent.chunk_math import exp
 from kernels_pallas.linear_recurrent.gpu_forward import (acc_dtype, chunk_specs, chunk_tiles, compiler_params, make_dot,
                                                           seq_spec)
-
-
-def _walk_params(config):
-    """Launch settings of the two walks: the sequential loop's loads pipelined ``config.walk_stages`` deep."""
-    stages = config.num_stages if config.walk_stages is None else config.walk_stages
-    return plgpu.CompilerParams(num_warps=config.num_warps, num_stages=stages)
 
 
 def _chunk_last(cum_ref, start, chunk, gated=True):
@@ -113,7 +106,7 @@ def states(w, u0, k, cum, h0, *, config, interpret, gated=True):
         out_specs=[all_states, seq_v, state],
         out_shape=[jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), w.dtype), jax.ShapeDtypeStruct(u0.shape, w.dtype),
                    jax.ShapeDtypeStruct(h0.shape, h0.dtype)],
-        compiler_params=_walk_params(config),
+        compiler_params=compiler_params(config, num_stages=config.walk_stages),
         interpret=interpret,
         name="delta_states",
     )(w, u0, k, cum, h0)
@@ -180,7 +173,7 @@ def dstates(w, k, cum, all_states, u, dall_states, du, dfinal, *, config, interp
         out_specs=[seq_v, all_states_spec, state],
         out_shape=[jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct(all_states.shape, w.dtype),
                    jax.ShapeDtypeStruct(dfinal.shape, dfinal.dtype)],
-        compiler_params=_walk_params(config),
+        compiler_params=compiler_params(config, num_stages=config.walk_stages),
         interpret=interpret,
         name="delta_dstates",
     )(w, k, cum, du, dall_states, dfinal)

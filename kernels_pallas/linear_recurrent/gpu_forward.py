@@ -47,8 +47,10 @@ def column_blocks(width, block):
     return tuple(pl.ds(start, size) for start in range(0, width, size))
 
 
-def compiler_params(config):
-    return plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
+def compiler_params(config, num_warps=None, num_stages=None):
+    """Triton launch settings: ``num_warps`` / ``num_stages`` where given, else ``config``'s."""
+    return plgpu.CompilerParams(num_warps=config.num_warps if num_warps is None else num_warps,
+                                num_stages=config.num_stages if num_stages is None else num_stages)
 
 
 def seq_spec(rows, width, seq_major, index):

@@ -16,10 +16,9 @@ import functools
 import jax
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from kernels_pallas.linear_recurrent import chunk_math
-from kernels_pallas.linear_recurrent.gpu_forward import acc_dtype, gate_tiles, make_dot, seq_spec
+from kernels_pallas.linear_recurrent.gpu_forward import acc_dtype, compiler_params, gate_tiles, make_dot, seq_spec
 
 
 def _walk(a_ref, b_ref, cum_ref, start_ref, stored_ref, end_ref, *, step, chunk, n_chunks, reverse, gated):
@@ -45,7 +44,6 @@ def _pass(a, b_, cum, start, *, step, reverse, config, interpret, name, gated):
     block_k = dk if config.block_k is None else min(config.block_k, dk)
     block_v = dv if config.block_v is None else min(config.block_v, dv)
     n_chunks = s // chunk
-    warps, stages = config.state_launch()
     a_spec = seq_spec(s, block_k, True, lambda bi, hi, ki, vi: (bi, hi, 0, ki))
     b_spec = seq_spec(s, block_v, True, lambda bi, hi, ki, vi: (bi, hi, 0, vi))
     cum_spec = pl.BlockSpec((None, None, s), lambda bi, hi, ki, vi: (bi, hi, 0))
@@ -58,7 +56,7 @@ def _pass(a, b_, cum, start, *, step, reverse, config, interpret, name, gated):
         out_specs=[stored_spec, block_spec],
         out_shape=[jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), a.dtype),
                    jax.ShapeDtypeStruct((b, h, dk, dv), acc_dtype(a.dtype))],
-        compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages),
+        compiler_params=compiler_params(config, *config.state_launch()),
         interpret=interpret,
         name=name,
     )(a, b_, cum, start)

@@ -25,15 +25,10 @@ import functools
 import jax
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from kernels_pallas.linear_recurrent import vector_gate_backward as bwd
 from kernels_pallas.linear_recurrent import vector_gate_forward as fwd
-from kernels_pallas.linear_recurrent.gpu_forward import seq_spec
-
-
-def _params(config, num_warps=None, num_stages=None):
-    return plgpu.CompilerParams(num_warps=num_warps or config.num_warps, num_stages=num_stages or config.num_stages)
+from kernels_pallas.linear_recurrent.gpu_forward import compiler_params as _params, seq_spec
 
 
 def _states_kernel(k_ref, v_ref, cum_ref, h0_ref, states_ref, final_ref, *, chunk, n_chunks):
