@@ -88,6 +88,7 @@ SWEEP = {
         "block-v-64": dataclasses.replace(_VECTOR, block_v=64),
         "warps-8": dataclasses.replace(_VECTOR, num_warps=8),
         "stages-3": dataclasses.replace(_VECTOR, num_stages=3),
+        "scores-warps-8": dataclasses.replace(_VECTOR, scores_warps=8),
     },
     "delta": {  # the walks by 64 value columns at any batch * heads (the default before min_block_v)
         "walk-block-v-64": dataclasses.replace(_DELTA, min_block_v=None),

@@ -74,16 +74,17 @@ STRONG_DECAY_CONFIGS = {
 
 @pytest.mark.parametrize("backend,config", STRONG_DECAY_CONFIGS.values(), ids=STRONG_DECAY_CONFIGS.keys())
 def test_strong_decay_stays_finite_and_exact(backend, config):
-    # From step 20 on, half the key dimensions forget with log gates ~ -30 per step (cumulative sums reach ~-1000
-    # in a chunk, so exp of any positive difference would overflow), the other half barely decay. The sub-chunks
-    # before step 20 factor through one reference row (span <= FACTORED_SPAN), the later ones take the column loop.
+    # From step 52 on, half the key dimensions forget with log gates ~ -30 per step (cumulative sums reach ~-1000
+    # in a chunk, so exp of any positive difference would overflow), the other half barely decay. With the GPU's
+    # 32-step chunks the first chunk factors whole (the scores kernel's chunk-wide matmuls), the second chunk's first
+    # sub-chunk through one reference row (span <= FACTORED_SPAN) and its last sub-chunk takes the column loop.
     def gate(key, shape):
         strong = -30.0 + jax.random.uniform(key, shape, minval=-5.0, maxval=5.0)
         mild = jax.nn.log_sigmoid(jax.random.normal(key, shape) + 4.0)
-        strong_here = (jnp.arange(shape[-1]) % 2 == 0) & (jnp.arange(shape[1]) >= 20)[:, None, None]
+        strong_here = (jnp.arange(shape[-1]) % 2 == 0) & (jnp.arange(shape[1]) >= 52)[:, None, None]
         return jnp.where(strong_here, strong, mild)
 
-    _check_against_reference(backend, _case(2, 1, 40, 1, 16, 16, True, gate), config)
+    _check_against_reference(backend, _case(2, 1, 56, 1, 16, 16, True, gate), config)
 
 
 def test_two_segments_with_carried_state_equal_one_pass():
@@ -128,7 +129,7 @@ def test_gla_pallas_implementation_matches_chunked_with_gqa():
     helpers.check_mechanism_pallas_matches_chunked("gla")
 
 
-@pytest.mark.parametrize("config,warps", [(None, [4, 2, 8, 4, 8, 8, 8]), (VectorGateConfig(num_warps=8), [8] * 4)],
+@pytest.mark.parametrize("config,warps", [(None, [4, 4, 8, 4, 8, 8, 8]), (VectorGateConfig(num_warps=8), [8] * 4)],
                          ids=["default", "one-kernel"])
 def test_gpu_build_lowers_to_triton_kernels_on_a_cpu_only_machine(config, warps):
     """The GPU default (config=None, backend="triton": ``scores_kernel``, its data-dependent choice between the

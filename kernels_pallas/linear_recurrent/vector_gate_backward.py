@@ -17,9 +17,10 @@ matmul factored through the reference row (``FACTORED_SPAN``) or an elementwise 
 ``backward_kernel`` does it all in one program per chunk, forming A and dA in registers; inside a sub-chunk the
 loop takes three cross-thread reductions per column. With ``VectorGateConfig.scores_kernel`` the work is split as in
 fla's GLA backward: the forward's A is kept, ``dscores_kernel`` writes dA and its transpose,
-``intra_gradients_kernel`` (one program per sub-chunk) reads their columns for the terms of dq and dk from inside
-the chunk (its loop inside a sub-chunk is elementwise: step j updates dq of rows t >= j and dk of rows s <= j),
-and ``inter_gradients_kernel`` adds the terms through the states and forms dv and dcum with whole-chunk matmuls.
+``intra_gradients_kernel`` adds the terms of dq and dk from inside the chunk (two whole-chunk matmuls where the
+chunk's gates allow, else per sub-chunk, reading columns of dA inside one: step j updates dq of rows t >= j and dk
+of rows s <= j, elementwise), and ``inter_gradients_kernel`` adds the terms through the states and forms dv and
+dcum with whole-chunk matmuls.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from jax.experimental import pallas as pl
 
 from kernels_pallas.linear_recurrent.vector_gate_forward import (
     FACTORED_SPAN,
+    chunk_midpoint,
     earlier_keys,
     exp,
     make_dot,
@@ -127,17 +129,15 @@ def diagonal_gradients(q_ref, k_ref, cum_ref, dscores_ref, dscores_t_ref, start,
     return lax.fori_loop(0, sub, step, (zeros, zeros))
 
 
-def intra_gradients_kernel(q_ref, k_ref, cum_ref, dscores_ref, dscores_t_ref, dq_ref, dk_ref, *, sub):
-    """The terms of dq and dk from inside the chunk, for the rows of one sub-chunk (``pl.program_id(3)``): q/k/cum
-    the whole chunk [C, dk], dscores/dscores_t its dA and dA^T [C, C] (zero above / below the diagonal), dq/dk
-    [sub, dk] tiles of those rows. dq from the columns up to this sub-chunk's, referenced to the step before it;
-    dk from the rows from this sub-chunk's on, referenced to its last step: each one masked matmul over the whole
-    chunk that takes this sub-chunk's own block too when its span allows (``FACTORED_SPAN``), else stops at it and
-    ``diagonal_gradients`` adds that block."""
+def sub_chunk_intra_gradients(q_ref, k_ref, cum_ref, dscores_ref, dscores_t_ref, start, sub):
+    """The terms of dq and dk from inside the chunk for the rows [start, start + sub) ([sub, dk] each): q/k/cum the
+    whole chunk [C, dk], dscores/dscores_t its dA and dA^T [C, C] (zero above / below the diagonal). dq from the
+    columns up to this sub-chunk's, referenced to the step before it; dk from the rows from this sub-chunk's on,
+    referenced to its last step: each one masked matmul over the whole chunk that takes this sub-chunk's own block
+    too when its span allows (``FACTORED_SPAN``), else stops at it and ``diagonal_gradients`` adds that block."""
     chunk = q_ref.shape[0]
     dtype = q_ref.dtype
     dot = make_dot(dtype)
-    start = pl.program_id(3) * sub
     rows = pl.ds(start, sub)
     cum_sub = cum_ref[rows, :]
     # For the first sub-chunk any row at or before it is a valid reference.
@@ -160,9 +160,36 @@ def intra_gradients_kernel(q_ref, k_ref, cum_ref, dscores_ref, dscores_t_ref, dq
         return dq + dq_diag, dk + dk_diag
 
     widest = jnp.maximum(span(cum_sub, before_ref), span(cum_sub, after_ref))
-    dq, dk = lax.cond(widest <= FACTORED_SPAN, lambda: gradients(start, start + sub), looped)
-    dq_ref[...] = dq.astype(dq_ref.dtype)
-    dk_ref[...] = dk.astype(dk_ref.dtype)
+    return lax.cond(widest <= FACTORED_SPAN, lambda: gradients(start, start + sub), looped)
+
+
+def intra_gradients_kernel(q_ref, k_ref, cum_ref, dscores_ref, dscores_t_ref, dq_ref, dk_ref, *, sub):
+    """The terms of dq and dk from inside one chunk ([C, dk] each; inputs as ``sub_chunk_intra_gradients``). Where
+    the chunk's gates span at most ``FACTORED_SPAN`` nats (``chunk_midpoint``), two matmuls referenced to their
+    midpoint: dq = exp(cum - mid) * (dA (k exp(mid - cum))), dk = exp(mid - cum) * (dA^T (q exp(cum - mid)));
+    otherwise sub-chunk by sub-chunk."""
+    chunk = q_ref.shape[0]
+    dtype = q_ref.dtype
+    mid, width = chunk_midpoint(cum_ref)
+    whole = width <= FACTORED_SPAN
+
+    @pl.when(whole)
+    def _():
+        dot = make_dot(dtype)
+        cum = cum_ref[...]
+        up, down = exp(cum - mid), exp(mid - cum)
+        dq_ref[...] = (up * dot(dscores_ref[...].astype(dtype), (k_ref[...] * down).astype(dtype))).astype(
+            dq_ref.dtype)
+        dk_ref[...] = (down * dot(dscores_t_ref[...].astype(dtype), (q_ref[...] * up).astype(dtype))).astype(
+            dk_ref.dtype)
+
+    @pl.when(jnp.logical_not(whole))
+    def _():
+        @pl.loop(0, chunk, step=sub)
+        def _(start):
+            dq, dk = sub_chunk_intra_gradients(q_ref, k_ref, cum_ref, dscores_ref, dscores_t_ref, start, sub)
+            dq_ref[pl.ds(start, sub), :] = dq.astype(dq_ref.dtype)
+            dk_ref[pl.ds(start, sub), :] = dk.astype(dk_ref.dtype)
 
 
 def inter_gradients_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, dstate_ref, dout_ref, scores_ref,

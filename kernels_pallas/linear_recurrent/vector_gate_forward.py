@@ -19,7 +19,9 @@ lies between them; inside the sub-chunk one factor exceeds 1, by at most ``exp(s
 |cum_t - r| over the sub-chunk's rows. When span <= ``FACTORED_SPAN`` the factors stay far inside the float32 /
 bfloat16 range (both reach e^88) and the sub-chunk's rows take one masked matmul (``lax.cond``, per sub-chunk);
 otherwise (on average a gate below e^(-60 / sub) a step in some dimension) they take the column loop. For bf16
-inputs the diagonal block's factors are then rounded to bf16 like the other blocks' operands.
+inputs the diagonal block's factors are then rounded to bf16 like the other blocks' operands. The GPU's scores
+kernel first tries the whole chunk the same way (``chunk_midpoint``): referenced to the midpoint of the chunk's
+gates, A is one masked matmul when they span at most ``FACTORED_SPAN`` nats (both factors at most e^30).
 
 ``dot(a, b, trans_a, trans_b)`` accumulates in float32 (float64 for float64); matmul operands are cast to the input
 dtype first, so bf16 inputs run bf16 matmuls while the state, gates and accumulations stay float32.
@@ -124,16 +126,22 @@ def output_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, out_ref, *, sub):
         out_ref[rows, :] = out.astype(out_ref.dtype)
 
 
-def scores_kernel(q_ref, k_ref, cum_ref, scores_ref, *, sub):
-    """The intra-chunk scores A [sub, C] of one sub-chunk's rows (``pl.program_id(3)``; ``VectorGateConfig.
-    scores_kernel``, GPU): q/scores [sub, ...] tiles of those rows, k/cum the whole chunk. One masked matmul
-    referenced to the step before this sub-chunk: over the earlier sub-chunks and, when the sub-chunk's span allows
-    (``FACTORED_SPAN``), this one's causal block too; otherwise that block by ``diagonal_scores``."""
+def chunk_midpoint(cum_ref):
+    """(mid [1, dk], width): per dimension the midpoint of the chunk's cumulative gates, which fall from the first
+    row to the last, and the widest of those ranges. exp(cum_t - mid) and exp(mid - cum_s) are at most
+    exp(width / 2) for any t and s of the chunk."""
+    first, last = cum_ref[pl.ds(0, 1), :], cum_ref[pl.ds(cum_ref.shape[0] - 1, 1), :]
+    return (first + last) / 2, span(first, last)
+
+
+def sub_chunk_scores(q_ref, k_ref, cum_ref, start, sub):
+    """The scores A [sub, C] of the rows [start, start + sub), q/k/cum the whole chunk [C, dk]: one masked matmul
+    referenced to the step before the sub-chunk, over the earlier sub-chunks and, when the sub-chunk's span allows
+    (``FACTORED_SPAN``), its own causal block too; otherwise that block by ``diagonal_scores``."""
     chunk = k_ref.shape[0]
     dtype = q_ref.dtype
     dot = make_dot(dtype)
-    start = pl.program_id(3) * sub
-    q_sub, cum_sub = q_ref[...], cum_ref[pl.ds(start, sub), :]
+    q_sub, cum_sub = q_ref[pl.ds(start, sub), :], cum_ref[pl.ds(start, sub), :]
     # For the first sub-chunk any row at or before it is a valid reference.
     ref_row = cum_ref[pl.ds(jnp.maximum(start - 1, 0), 1), :]
     q_hat = (q_sub * exp(cum_sub - ref_row)).astype(dtype)
@@ -148,8 +156,36 @@ def scores_kernel(q_ref, k_ref, cum_ref, scores_ref, *, sub):
         keys = earlier_keys(k_ref[...], cum_ref[...], ref_row, start).astype(dtype)
         return dot(q_hat, keys, trans_b=True) + diagonal_scores(q_sub, cum_sub, k_ref, cum_ref, start, width=chunk)
 
-    scores = lax.cond(span(cum_sub, ref_row) <= FACTORED_SPAN, factored, looped)
-    scores_ref[...] = scores.astype(scores_ref.dtype)
+    return lax.cond(span(cum_sub, ref_row) <= FACTORED_SPAN, factored, looped)
+
+
+def scores_kernel(q_ref, k_ref, cum_ref, scores_ref, *, sub):
+    """The intra-chunk scores A [C, C] of one chunk (``VectorGateConfig.scores_kernel``, GPU), q/k/cum [C, dk].
+    Where the chunk's gates span at most ``FACTORED_SPAN`` nats in every dimension (gates above ~e^(-60 / C) a
+    step on average), one masked matmul referenced to their midpoint, each factor at most e^(FACTORED_SPAN / 2)
+    (the masked products above the diagonal at most e^FACTORED_SPAN, as in a factored sub-chunk); otherwise sub-chunk
+    by sub-chunk (``sub_chunk_scores``)."""
+    chunk = q_ref.shape[0]
+    dtype = q_ref.dtype
+    mid, width = chunk_midpoint(cum_ref)
+    whole = width <= FACTORED_SPAN
+
+    @pl.when(whole)
+    def _():
+        cum = cum_ref[...]
+        q_hat = (q_ref[...] * exp(cum - mid)).astype(dtype)
+        k_hat = (k_ref[...] * exp(mid - cum)).astype(dtype)
+        rows = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
+        cols = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
+        scores = jnp.where(cols <= rows, make_dot(dtype)(q_hat, k_hat, trans_b=True), 0.0)
+        scores_ref[...] = scores.astype(scores_ref.dtype)
+
+    @pl.when(jnp.logical_not(whole))
+    def _():
+        @pl.loop(0, chunk, step=sub)
+        def _(start):
+            scores_ref[pl.ds(start, sub), :] = sub_chunk_scores(q_ref, k_ref, cum_ref, start, sub).astype(
+                scores_ref.dtype)
 
 
 def output_from_scores_kernel(q_ref, v_ref, cum_ref, state_ref, scores_ref, out_ref):

@@ -8,10 +8,9 @@ passes (fla's layout).
 - ``dstates``: the reverse walk of the state gradient (per dk and dv block): the gradient of the state leaving
   every chunk, and d initial_state.
 - ``backward``: one program per (batch, head, chunk, dv block): dq, dk, dv and the cumulative gates' gradient.
-- With ``VectorGateConfig.scores_kernel``, as fla lays it out: ``scores`` (the intra-chunk A, one program per
-  sub-chunk) before ``output``; ``dscores`` (dA and its transpose, one program per chunk) and
-  ``intra_gradients`` (the terms of dq and dk from inside the chunk, one program per sub-chunk) before
-  ``backward``, which then needs whole-chunk matmuls only.
+- With ``VectorGateConfig.scores_kernel``, as fla lays it out: ``scores`` (the intra-chunk A) before ``output``;
+  ``dscores`` (dA and its transpose) and ``intra_gradients`` (the terms of dq and dk from inside the chunk) before
+  ``backward``, which then needs whole-chunk matmuls only; one program per chunk each.
 
 Inputs arrive in the caller's [batch, seq, heads, dim] layout (the BlockSpecs pick one head's rows, so no
 transposes), padded by ``vector_gate_ops``: sequence to a chunk multiple, head dims to powers of two >= 16 (Triton's
@@ -119,18 +118,16 @@ def _dims(q, v, seq_major):
 
 
 def scores(q, k, cum, *, config, interpret):
-    """-> the intra-chunk scores A [b, s, h, C] in q's dtype, one program per (batch, head, chunk, sub-chunk)
+    """-> the intra-chunk scores A [b, s, h, C] in q's dtype, one program per (batch, head, chunk)
     (``fwd.scores_kernel``)."""
     b, s, h, dk = q.shape
-    chunk, sub = config.chunk_size, config.sub_chunk
-    n_sub = chunk // sub
-    whole = seq_spec(chunk, dk, True, lambda bi, hi, n, m: (bi, hi, n, 0))
-    rows = seq_spec(sub, dk, True, lambda bi, hi, n, m: (bi, hi, n * n_sub + m, 0))
+    chunk = config.chunk_size
+    tile_k = seq_spec(chunk, dk, True, lambda bi, hi, n: (bi, hi, n, 0))
     return pl.pallas_call(
-        functools.partial(fwd.scores_kernel, sub=sub),
-        grid=(b, h, s // chunk, n_sub),
-        in_specs=[rows, whole, whole],
-        out_specs=seq_spec(sub, chunk, True, lambda bi, hi, n, m: (bi, hi, n * n_sub + m, 0)),
+        functools.partial(fwd.scores_kernel, sub=config.sub_chunk),
+        grid=(b, h, s // chunk),
+        in_specs=[tile_k, tile_k, tile_k],
+        out_specs=seq_spec(chunk, chunk, True, lambda bi, hi, n: (bi, hi, n, 0)),
         out_shape=jax.ShapeDtypeStruct(q.shape[:-1] + (chunk,), q.dtype),
         compiler_params=_params(config, config.scores_warps),
         interpret=interpret,
@@ -185,19 +182,17 @@ def dscores(v, dout, *, config, interpret):
 
 def intra_gradients(q, k, cum, dscores_pair, *, config, interpret):
     """-> (dq, dk) [b, s, h, dk] in the accumulation dtype: their terms from inside each chunk, from ``dscores()``'s
-    (dA, dA^T); one program per (batch, head, chunk, sub-chunk) (``bwd.intra_gradients_kernel``)."""
+    (dA, dA^T); one program per (batch, head, chunk) (``bwd.intra_gradients_kernel``)."""
     b, s, h, dk = q.shape
-    chunk, sub = config.chunk_size, config.sub_chunk
-    n_sub = chunk // sub
-    whole = seq_spec(chunk, dk, True, lambda bi, hi, n, m: (bi, hi, n, 0))
-    whole_scores = seq_spec(chunk, chunk, True, lambda bi, hi, n, m: (bi, hi, n, 0))
-    rows = seq_spec(sub, dk, True, lambda bi, hi, n, m: (bi, hi, n * n_sub + m, 0))
+    chunk = config.chunk_size
+    tile_k = seq_spec(chunk, dk, True, lambda bi, hi, n: (bi, hi, n, 0))
+    tile_scores = seq_spec(chunk, chunk, True, lambda bi, hi, n: (bi, hi, n, 0))
     shape = jax.ShapeDtypeStruct(q.shape, fwd.acc_dtype(q.dtype))
     return pl.pallas_call(
-        functools.partial(bwd.intra_gradients_kernel, sub=sub),
-        grid=(b, h, s // chunk, n_sub),
-        in_specs=[whole, whole, whole, whole_scores, whole_scores],
-        out_specs=[rows, rows],
+        functools.partial(bwd.intra_gradients_kernel, sub=config.sub_chunk),
+        grid=(b, h, s // chunk),
+        in_specs=[tile_k, tile_k, tile_k, tile_scores, tile_scores],
+        out_specs=[tile_k, tile_k],
         out_shape=[shape, shape],
         compiler_params=_params(config),
         interpret=interpret,

@@ -28,14 +28,13 @@ class VectorGateConfig:
         programs at the price of recomputing the chunk's gate products and summing partial dq, dk, dgate.
       num_warps, num_stages: Triton launch settings (ignored on TPU and in interpret mode).
       scores_kernel: GPU only. The intra-chunk work in its own kernels, as fla lays it out: the forward writes
-        A (one program per sub-chunk, q's dtype), then the output (q * exp(cum)) S + A V; A is kept for the
-        backward, which writes dA = dO V^T (and its transpose), then the terms of dq and dk from inside the chunk
-        (one program per sub-chunk: masked matmuls, or where the gates are too strong for the factoring a loop
-        over columns of dA without reductions), then the rest with
-        whole-chunk matmuls. Costs C / dk of q's size in saved A, two float32 [C, C] tiles per chunk and two
-        float32 copies of q's size in the backward.
-      scores_warps: num_warps of the forward's scores kernel of ``scores_kernel`` (None = num_warps): its tiles
-        are [sub_chunk, dk].
+        A (q's dtype), then the output (q * exp(cum)) S + A V; A is kept for the backward, which writes dA = dO V^T
+        (and its transpose), then the terms of dq and dk from inside the chunk, then the rest with whole-chunk
+        matmuls. One program per chunk each; A and the intra-chunk terms take whole-chunk matmuls referenced to
+        the midpoint of the chunk's gates where those span at most ``FACTORED_SPAN`` nats (gates above
+        ~e^(-60 / chunk_size) a step on average), else sub-chunk by sub-chunk as above. Costs C / dk of q's size
+        in saved A, two float32 [C, C] tiles per chunk and two float32 copies of q's size in the backward.
+      scores_warps: num_warps of the forward's scores kernel of ``scores_kernel`` (None = num_warps).
       state_warps, state_stages: GPU launch settings of the forward's sequential state pass; dstate_warps,
         dstate_stages: those of the backward's reverse pass (None: num_warps / num_stages). The walks are
         latency-bound: Triton's software pipelining (stages) loads chunks ahead. H200, D128 bf16, ms at B4 S8192
@@ -84,12 +83,13 @@ class VectorGateConfig:
 
 
 # GPU (Triton): 64-step chunks of 16-step sub-chunks, as fla's chunk_gla, the intra-chunk work in its own kernels
-# (scores_kernel), 8 warps but 2 for the scores. H200, B4 S8192 H16 D128 bf16
-# (benchmarks/results/check_gla_kernel_factored_h200.txt): forward 2.34 ms, forward+backward 5.98; scores at 4
-# warps 2.33 / 6.20, at 8 3.09 / 6.70; the one-kernel output and gradients 4.89 / 9.96. Gates strong enough for
-# the column loop in every sub-chunk: 3.83 / 9.19.
+# (scores_kernel), 8 warps but 4 for the scores (no spills; 2200 B at 2, benchmarks/triton_resources.py). Timed
+# before the scores and intra-chunk gradients factored whole chunks (one program per sub-chunk, scores at 2
+# warps), H200, B4 S8192 H16 D128 bf16 (benchmarks/results/check_gla_kernel_factored_h200.txt): forward 2.34 ms,
+# forward+backward 5.98; the one-kernel output and gradients 4.89 / 9.96; gates strong enough for the column loop
+# in every sub-chunk 3.83 / 9.19.
 GPU_DEFAULT = VectorGateConfig(chunk_size=64, sub_chunk=16, state_block_k=64, state_block_v=64, block_v=None,
-                               num_warps=8, num_stages=2, scores_kernel=True, scores_warps=2, state_warps=4,
+                               num_warps=8, num_stages=2, scores_kernel=True, scores_warps=4, state_warps=4,
                                state_stages=4, dstate_warps=4, dstate_stages=4)
 # TPU: chunk rows are sublanes (multiples of 8); the chunk-parallel tiles take all of dk and dv.
 TPU_DEFAULT = VectorGateConfig(chunk_size=128, sub_chunk=32, state_block_k=None, state_block_v=None)
