@@ -135,7 +135,7 @@ def main():
         common.guarded_check(log, f"D{d} {jnp.dtype(dtype).name}", check, d, dtype, deadline=START + 0.4 * BUDGET_S)
     one_kernel = dataclasses.replace(GPU_DEFAULT, scores_kernel=False)
     variants = [("default", GPU_DEFAULT), ("one-kernel output and gradients", one_kernel)] + [
-        (f"scores warps {w}", dataclasses.replace(GPU_DEFAULT, scores_warps=w)) for w in (4, 8)]
+        (f"scores warps {w}", dataclasses.replace(GPU_DEFAULT, scores_warps=w)) for w in (2, 8)]
     for label, config in variants:
         log(f"config {label}: {config}")
         bench(config, label)
