@@ -34,10 +34,12 @@ from kernels_pallas.linear_recurrent.vector_gate_forward import (
     chunk_midpoint,
     earlier_keys,
     exp,
+    lower_triangle,
     make_dot,
     masked_decay,
     pow2_at_least,
     span,
+    whole_chunk_scores,
 )
 
 
@@ -101,11 +103,9 @@ def dscores_kernel(v_ref, dout_ref, dscores_ref, dscores_t_ref):
     accumulation dtype (the loops inside sub-chunks read them unrounded)."""
     dot = make_dot(v_ref.dtype)
     v, dout = v_ref[...], dout_ref[...]
-    chunk = v.shape[0]
-    rows = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
-    cols = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
-    dscores_ref[...] = jnp.where(rows >= cols, dot(dout, v, trans_b=True), 0.0).astype(dscores_ref.dtype)
-    dscores_t_ref[...] = jnp.where(rows <= cols, dot(v, dout, trans_b=True), 0.0).astype(dscores_t_ref.dtype)
+    lower = lower_triangle(v.shape[0])
+    dscores_ref[...] = jnp.where(lower, dot(dout, v, trans_b=True), 0.0).astype(dscores_ref.dtype)
+    dscores_t_ref[...] = jnp.where(lower.T, dot(v, dout, trans_b=True), 0.0).astype(dscores_t_ref.dtype)
 
 
 def diagonal_gradients(q_ref, k_ref, cum_ref, dscores_ref, dscores_t_ref, start, sub):
@@ -215,75 +215,94 @@ def inter_gradients_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, dstate_ref, 
 def backward_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, dstate_ref, dout_ref,
                     dq_ref, dk_ref, dv_ref, dcum_ref, *, sub):
     """One chunk, one dv block: dq, dk and dcum are this block's partials (summed over dv blocks by the caller),
-    dv is exact. q/k/cum/dq/dk/dcum [C, dk], v/dout/dv [C, bv], state/dstate [dk, bv]. Per sub-chunk: the terms
-    through the states, then those from inside the chunk, factored as in ``intra_gradients_kernel`` when the
-    sub-chunk's span allows, else from the earlier and later sub-chunks plus ``diagonal_backward``."""
+    dv is exact. q/k/cum/dq/dk/dcum [C, dk], v/dout/dv [C, bv], state/dstate [dk, bv]. The terms through the
+    states, then those from inside the chunk: when the chunk's gates span at most ``FACTORED_SPAN`` nats, whole-chunk
+    matmuls with A from ``whole_chunk_scores`` (as ``intra_gradients_kernel``); otherwise per sub-chunk, factored as
+    in ``sub_chunk_intra_gradients`` when the sub-chunk's span allows, else from the earlier and later sub-chunks
+    plus ``diagonal_backward``."""
     chunk = q_ref.shape[0]
     dtype = q_ref.dtype
     dot = make_dot(dtype)
     last = cum_ref[pl.ds(chunk - 1, 1), :]
-    dlast = jnp.zeros_like(last)
-    n_sub = chunk // sub
     state, dstate = state_ref[...].astype(dtype), dstate_ref[...].astype(dtype)
-    # Tiles are read from their refs where they are used (no whole-chunk tile stays live across sub-chunks), and
-    # the products with earlier / later sub-chunks take only the rows those need, rounded up to a power of two.
-    for m in range(n_sub):
-        start = m * sub
-        rows = pl.ds(start, sub)
-        q_sub, k_sub, v_sub, dout_sub, cum_sub = (r[rows, :] for r in (q_ref, k_ref, v_ref, dout_ref, cum_ref))
-        dq, dk, dv, dlast_rows = through_states(k_sub, v_sub, dout_sub, cum_sub, last, state, dstate, dot)
-        dlast += dlast_rows
-        # For the first sub-chunk any row at or before it is a valid reference.
-        before_ref = cum_ref[pl.ds(max(start - 1, 0), 1), :]
-        after_ref = cum_ref[pl.ds(start + sub - 1, 1), :]
+    mid, width = chunk_midpoint(cum_ref)
+    whole = width <= FACTORED_SPAN
 
-        def factored():  # traced by lax.cond below, in this iteration
-            # dq: the columns up to this sub-chunk's end (dA masked to s <= t), referenced to the step before it.
-            upto = pl.ds(0, pow2_at_least(start + sub))
-            dscores = dot(dout_sub, v_ref[upto, :], trans_b=True)
-            causal = (lax.broadcasted_iota(jnp.int32, dscores.shape, 1)
-                      <= start + lax.broadcasted_iota(jnp.int32, dscores.shape, 0))
-            keys = earlier_keys(k_ref[upto, :], cum_ref[upto, :], before_ref, start + sub).astype(dtype)
-            dq = exp(cum_sub - before_ref) * dot(jnp.where(causal, dscores, 0.0).astype(dtype), keys)
-            # dk, dv: the rows from this sub-chunk's start on (t >= s), referenced to its last step.
-            first = chunk - pow2_at_least(chunk - start)
-            later = pl.ds(first, chunk - first)
-            row_ids = first + lax.broadcasted_iota(jnp.int32, (chunk - first, 1), 0)
-            keep = row_ids >= start
-            q_hat = jnp.where(keep, q_ref[later, :] * masked_decay(cum_ref[later, :], after_ref, keep), 0.0)
-            q_hat = q_hat.astype(dtype)
-            from_ref = exp(after_ref - cum_sub)
-            causal = row_ids >= start + lax.broadcasted_iota(jnp.int32, (1, sub), 1)  # [later rows, sub]
-            dout_later = dout_ref[later, :]
-            dscores = jnp.where(causal, dot(dout_later, v_sub, trans_b=True), 0.0)
-            dk = from_ref * dot(dscores.astype(dtype), q_hat, trans_a=True)
-            scores = jnp.where(causal, dot(q_hat, (k_sub * from_ref).astype(dtype), trans_b=True), 0.0)
-            return dq, dk, dot(scores.astype(dtype), dout_later, trans_a=True)
+    @pl.when(whole)
+    def _():
+        q, k, v, dout, cum = (r[...] for r in (q_ref, k_ref, v_ref, dout_ref, cum_ref))
+        dq, dk, dv, dlast = through_states(k, v, dout, cum, last, state, dstate, dot)
+        scores, up, down, q_up, k_down = whole_chunk_scores(q, k, cum, mid, dot)
+        dscores = jnp.where(lower_triangle(chunk), dot(dout, v, trans_b=True), 0.0).astype(dtype)
+        dq += up * dot(dscores, k_down)
+        dk += down * dot(dscores, q_up, trans_a=True)
+        dv += dot(scores.astype(dtype), dout, trans_a=True)
+        write_rows((dq_ref, dk_ref, dv_ref, dcum_ref), pl.ds(0, chunk), q, k, dq, dk, dv, dlast, (last, state, dstate))
 
-        def looped():
-            scores, dq, dk = diagonal_backward(q_sub, k_sub, cum_sub, dot(dout_sub, v_sub, trans_b=True),
-                                               k_ref, cum_ref, start)
-            dv = dot(scores.astype(dtype), dout_sub, trans_a=True)
-            if start:  # earlier sub-chunks (columns) -> these rows: dq
-                earlier = pl.ds(0, pow2_at_least(start))
-                dscores = dot(dout_sub, v_ref[earlier, :], trans_b=True)  # columns from `start` on meet zero keys
-                keys = earlier_keys(k_ref[earlier, :], cum_ref[earlier, :], before_ref, start).astype(dtype)
-                dq += exp(cum_sub - before_ref) * dot(dscores.astype(dtype), keys)
-            if start + sub < chunk:  # these columns -> later sub-chunks' rows: dk, dv
-                first = chunk - pow2_at_least(chunk - start - sub)
+    @pl.when(jnp.logical_not(whole))
+    def _():
+        dlast = jnp.zeros_like(last)
+        n_sub = chunk // sub
+        state, dstate = state_ref[...].astype(dtype), dstate_ref[...].astype(dtype)
+        # Tiles are read from their refs where they are used (no whole-chunk tile stays live across sub-chunks), and
+        # the products with earlier / later sub-chunks take only the rows those need, rounded up to a power of two.
+        for m in range(n_sub):
+            start = m * sub
+            rows = pl.ds(start, sub)
+            q_sub, k_sub, v_sub, dout_sub, cum_sub = (r[rows, :] for r in (q_ref, k_ref, v_ref, dout_ref, cum_ref))
+            dq, dk, dv, dlast_rows = through_states(k_sub, v_sub, dout_sub, cum_sub, last, state, dstate, dot)
+            dlast += dlast_rows
+            # For the first sub-chunk any row at or before it is a valid reference.
+            before_ref = cum_ref[pl.ds(max(start - 1, 0), 1), :]
+            after_ref = cum_ref[pl.ds(start + sub - 1, 1), :]
+
+            def factored():  # traced by lax.cond below, in this iteration
+                # dq: the columns up to this sub-chunk's end (dA masked to s <= t), referenced to the step before it.
+                upto = pl.ds(0, pow2_at_least(start + sub))
+                dscores = dot(dout_sub, v_ref[upto, :], trans_b=True)
+                causal = (lax.broadcasted_iota(jnp.int32, dscores.shape, 1)
+                          <= start + lax.broadcasted_iota(jnp.int32, dscores.shape, 0))
+                keys = earlier_keys(k_ref[upto, :], cum_ref[upto, :], before_ref, start + sub).astype(dtype)
+                dq = exp(cum_sub - before_ref) * dot(jnp.where(causal, dscores, 0.0).astype(dtype), keys)
+                # dk, dv: the rows from this sub-chunk's start on (t >= s), referenced to its last step.
+                first = chunk - pow2_at_least(chunk - start)
                 later = pl.ds(first, chunk - first)
-                after = first + lax.broadcasted_iota(jnp.int32, (chunk - first, 1), 0) >= start + sub
-                q_hat = jnp.where(after, q_ref[later, :] * masked_decay(cum_ref[later, :], after_ref, after), 0.0)
+                row_ids = first + lax.broadcasted_iota(jnp.int32, (chunk - first, 1), 0)
+                keep = row_ids >= start
+                q_hat = jnp.where(keep, q_ref[later, :] * masked_decay(cum_ref[later, :], after_ref, keep), 0.0)
                 q_hat = q_hat.astype(dtype)
                 from_ref = exp(after_ref - cum_sub)
+                causal = row_ids >= start + lax.broadcasted_iota(jnp.int32, (1, sub), 1)  # [later rows, sub]
                 dout_later = dout_ref[later, :]
-                dscores = dot(dout_later, v_sub, trans_b=True)  # rows before `start + sub` meet zero queries
-                dk += from_ref * dot(dscores.astype(dtype), q_hat, trans_a=True)
-                scores = dot(q_hat, (k_sub * from_ref).astype(dtype), trans_b=True)
-                dv += dot(scores.astype(dtype), dout_later, trans_a=True)
-            return dq, dk, dv
+                dscores = jnp.where(causal, dot(dout_later, v_sub, trans_b=True), 0.0)
+                dk = from_ref * dot(dscores.astype(dtype), q_hat, trans_a=True)
+                scores = jnp.where(causal, dot(q_hat, (k_sub * from_ref).astype(dtype), trans_b=True), 0.0)
+                return dq, dk, dot(scores.astype(dtype), dout_later, trans_a=True)
 
-        widest = jnp.maximum(span(cum_sub, before_ref), span(cum_sub, after_ref))
-        dq_intra, dk_intra, dv_intra = lax.cond(widest <= FACTORED_SPAN, factored, looped)
-        write_rows((dq_ref, dk_ref, dv_ref, dcum_ref), rows, q_sub, k_sub, dq + dq_intra, dk + dk_intra,
-                   dv + dv_intra, dlast, (last, state, dstate) if m == n_sub - 1 else None)
+            def looped():
+                scores, dq, dk = diagonal_backward(q_sub, k_sub, cum_sub, dot(dout_sub, v_sub, trans_b=True),
+                                                   k_ref, cum_ref, start)
+                dv = dot(scores.astype(dtype), dout_sub, trans_a=True)
+                if start:  # earlier sub-chunks (columns) -> these rows: dq
+                    earlier = pl.ds(0, pow2_at_least(start))
+                    dscores = dot(dout_sub, v_ref[earlier, :], trans_b=True)  # columns from `start` on meet zero keys
+                    keys = earlier_keys(k_ref[earlier, :], cum_ref[earlier, :], before_ref, start).astype(dtype)
+                    dq += exp(cum_sub - before_ref) * dot(dscores.astype(dtype), keys)
+                if start + sub < chunk:  # these columns -> later sub-chunks' rows: dk, dv
+                    first = chunk - pow2_at_least(chunk - start - sub)
+                    later = pl.ds(first, chunk - first)
+                    after = first + lax.broadcasted_iota(jnp.int32, (chunk - first, 1), 0) >= start + sub
+                    q_hat = jnp.where(after, q_ref[later, :] * masked_decay(cum_ref[later, :], after_ref, after), 0.0)
+                    q_hat = q_hat.astype(dtype)
+                    from_ref = exp(after_ref - cum_sub)
+                    dout_later = dout_ref[later, :]
+                    dscores = dot(dout_later, v_sub, trans_b=True)  # rows before `start + sub` meet zero queries
+                    dk += from_ref * dot(dscores.astype(dtype), q_hat, trans_a=True)
+                    scores = dot(q_hat, (k_sub * from_ref).astype(dtype), trans_b=True)
+                    dv += dot(scores.astype(dtype), dout_later, trans_a=True)
+                return dq, dk, dv
+
+            widest = jnp.maximum(span(cum_sub, before_ref), span(cum_sub, after_ref))
+            dq_intra, dk_intra, dv_intra = lax.cond(widest <= FACTORED_SPAN, factored, looped)
+            write_rows((dq_ref, dk_ref, dv_ref, dcum_ref), rows, q_sub, k_sub, dq + dq_intra, dk + dk_intra,
+                       dv + dv_intra, dlast, (last, state, dstate) if m == n_sub - 1 else None)

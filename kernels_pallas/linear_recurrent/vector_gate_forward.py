@@ -87,43 +87,56 @@ def pow2_at_least(n):
 
 def output_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, out_ref, *, sub):
     """One chunk's output for one dv block: q/k/cum [C, dk], v/out [C, bv], state [dk, bv] (entering the chunk).
-    Per sub-chunk, referenced to the step before it: one masked matmul over the steps up to its end when its span
-    allows (``FACTORED_SPAN``), else over the earlier sub-chunks plus ``diagonal_scores``."""
+    When the chunk's gates span at most ``FACTORED_SPAN`` nats (``chunk_midpoint``), (q exp(cum)) S + A V with A
+    from ``whole_chunk_scores``; otherwise per sub-chunk, referenced to the step before it: one masked matmul over
+    the steps up to its end when its span allows, else over the earlier sub-chunks plus ``diagonal_scores``."""
     chunk = q_ref.shape[0]
     dtype = q_ref.dtype
     dot = make_dot(dtype)
-    # k, v and cum are read where used, only the rows that the earlier sub-chunks need: whole-chunk tiles held
-    # across the sub-chunks spilled registers (benchmarks/triton_resources.py).
-    state = state_ref[...].astype(dtype)
-    for m in range(chunk // sub):
-        start = m * sub
-        rows = pl.ds(start, sub)
-        q_sub, cum_sub = q_ref[rows, :], cum_ref[rows, :]
-        out = dot((q_sub * exp(cum_sub)).astype(dtype), state)
-        # For the first sub-chunk any row at or before it is a valid reference.
-        ref_row = cum_ref[pl.ds(max(start - 1, 0), 1), :]
-        q_hat = (q_sub * exp(cum_sub - ref_row)).astype(dtype)
+    mid, width = chunk_midpoint(cum_ref)
+    whole = width <= FACTORED_SPAN
 
-        def factored():  # traced by lax.cond below, in this iteration
-            upto = pl.ds(0, pow2_at_least(start + sub))  # rows past start + sub meet zero keys
-            keys = earlier_keys(k_ref[upto, :], cum_ref[upto, :], ref_row, start + sub).astype(dtype)
-            scores = dot(q_hat, keys, trans_b=True)
-            causal = (lax.broadcasted_iota(jnp.int32, scores.shape, 1)
-                      <= start + lax.broadcasted_iota(jnp.int32, scores.shape, 0))
-            return dot(jnp.where(causal, scores, 0.0).astype(dtype), v_ref[upto, :])
+    @pl.when(whole)
+    def _():
+        q, cum = q_ref[...], cum_ref[...]
+        scores = whole_chunk_scores(q, k_ref[...], cum, mid, dot)[0]
+        out = dot((q * exp(cum)).astype(dtype), state_ref[...].astype(dtype))
+        out_ref[...] = (out + dot(scores.astype(dtype), v_ref[...])).astype(out_ref.dtype)
 
-        def looped():
-            scores = diagonal_scores(q_sub, cum_sub, k_ref, cum_ref, start)
-            out = dot(scores.astype(dtype), v_ref[rows, :])
-            if start:  # earlier sub-chunks
-                earlier = pl.ds(0, pow2_at_least(start))
-                keys = earlier_keys(k_ref[earlier, :], cum_ref[earlier, :], ref_row, start).astype(dtype)
-                scores = dot(q_hat, keys, trans_b=True)  # [sub, rows before start and masked ones]
-                out += dot(scores.astype(dtype), v_ref[earlier, :])
-            return out
+    @pl.when(jnp.logical_not(whole))
+    def _():
+        # k, v and cum are read where used, only the rows that the earlier sub-chunks need: whole-chunk tiles held
+        # across the sub-chunks spilled registers (benchmarks/triton_resources.py).
+        state = state_ref[...].astype(dtype)
+        for m in range(chunk // sub):
+            start = m * sub
+            rows = pl.ds(start, sub)
+            q_sub, cum_sub = q_ref[rows, :], cum_ref[rows, :]
+            out = dot((q_sub * exp(cum_sub)).astype(dtype), state)
+            # For the first sub-chunk any row at or before it is a valid reference.
+            ref_row = cum_ref[pl.ds(max(start - 1, 0), 1), :]
+            q_hat = (q_sub * exp(cum_sub - ref_row)).astype(dtype)
 
-        out += lax.cond(span(cum_sub, ref_row) <= FACTORED_SPAN, factored, looped)
-        out_ref[rows, :] = out.astype(out_ref.dtype)
+            def factored():  # traced by lax.cond below, in this iteration
+                upto = pl.ds(0, pow2_at_least(start + sub))  # rows past start + sub meet zero keys
+                keys = earlier_keys(k_ref[upto, :], cum_ref[upto, :], ref_row, start + sub).astype(dtype)
+                scores = dot(q_hat, keys, trans_b=True)
+                causal = (lax.broadcasted_iota(jnp.int32, scores.shape, 1)
+                          <= start + lax.broadcasted_iota(jnp.int32, scores.shape, 0))
+                return dot(jnp.where(causal, scores, 0.0).astype(dtype), v_ref[upto, :])
+
+            def looped():
+                scores = diagonal_scores(q_sub, cum_sub, k_ref, cum_ref, start)
+                out = dot(scores.astype(dtype), v_ref[rows, :])
+                if start:  # earlier sub-chunks
+                    earlier = pl.ds(0, pow2_at_least(start))
+                    keys = earlier_keys(k_ref[earlier, :], cum_ref[earlier, :], ref_row, start).astype(dtype)
+                    scores = dot(q_hat, keys, trans_b=True)  # [sub, rows before start and masked ones]
+                    out += dot(scores.astype(dtype), v_ref[earlier, :])
+                return out
+
+            out += lax.cond(span(cum_sub, ref_row) <= FACTORED_SPAN, factored, looped)
+            out_ref[rows, :] = out.astype(out_ref.dtype)
 
 
 def chunk_midpoint(cum_ref):
@@ -132,6 +145,20 @@ def chunk_midpoint(cum_ref):
     exp(width / 2) for any t and s of the chunk."""
     first, last = cum_ref[pl.ds(0, 1), :], cum_ref[pl.ds(cum_ref.shape[0] - 1, 1), :]
     return (first + last) / 2, span(first, last)
+
+
+def whole_chunk_scores(q, k, cum, mid, dot):
+    """For a chunk whose gates span at most ``FACTORED_SPAN`` nats (``chunk_midpoint``): (A [C, C], zero above the
+    diagonal, up, down, q * up, k * down) with up = exp(cum - mid), down = exp(mid - cum), the products in q's
+    dtype: A_ts = (q_t * up_t) . (k_s * down_s) = sum_d q_td k_sd exp(cum_td - cum_sd)."""
+    up, down = exp(cum - mid), exp(mid - cum)
+    q_up, k_down = (q * up).astype(q.dtype), (k * down).astype(k.dtype)
+    return jnp.where(lower_triangle(q.shape[0]), dot(q_up, k_down, trans_b=True), 0.0), up, down, q_up, k_down
+
+
+def lower_triangle(n):
+    """[n, n] bool: True on and below the diagonal (s <= t)."""
+    return lax.broadcasted_iota(jnp.int32, (n, n), 1) <= lax.broadcasted_iota(jnp.int32, (n, n), 0)
 
 
 def sub_chunk_scores(q_ref, k_ref, cum_ref, start, sub):
@@ -172,12 +199,7 @@ def scores_kernel(q_ref, k_ref, cum_ref, scores_ref, *, sub):
 
     @pl.when(whole)
     def _():
-        cum = cum_ref[...]
-        q_hat = (q_ref[...] * exp(cum - mid)).astype(dtype)
-        k_hat = (k_ref[...] * exp(mid - cum)).astype(dtype)
-        rows = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
-        cols = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
-        scores = jnp.where(cols <= rows, make_dot(dtype)(q_hat, k_hat, trans_b=True), 0.0)
+        scores = whole_chunk_scores(q_ref[...], k_ref[...], cum_ref[...], mid, make_dot(dtype))[0]
         scores_ref[...] = scores.astype(scores_ref.dtype)
 
     @pl.when(jnp.logical_not(whole))
