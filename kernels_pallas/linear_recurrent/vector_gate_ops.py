@@ -83,11 +83,10 @@ class VectorGateConfig:
 
 
 # GPU (Triton): 64-step chunks of 16-step sub-chunks, as fla's chunk_gla, the intra-chunk work in its own kernels
-# (scores_kernel), 8 warps but 4 for the scores (no spills; 2200 B at 2, benchmarks/triton_resources.py). Timed
-# before the scores and intra-chunk gradients factored whole chunks (one program per sub-chunk, scores at 2
-# warps), H200, B4 S8192 H16 D128 bf16 (benchmarks/results/check_gla_kernel_factored_h200.txt): forward 2.34 ms,
-# forward+backward 5.98; the one-kernel output and gradients 4.89 / 9.96; gates strong enough for the column loop
-# in every sub-chunk 3.83 / 9.19.
+# (scores_kernel), 8 warps but 4 for the scores. H200, B4 S8192 H16 D128 bf16, forward / forward+backward
+# (benchmarks/results/check_gla_kernel_whole_chunk_h200.txt, d67b2f0): 1.73 / 4.49 ms; scores at 2 warps 2.33 /
+# 4.96, at 8 1.87 / 4.53; the one-kernel output and gradients 1.67 / 5.80; gates ~100x stronger (sub-chunk by
+# sub-chunk, mostly the column loop) 4.34 / 10.63.
 GPU_DEFAULT = VectorGateConfig(chunk_size=64, sub_chunk=16, state_block_k=64, state_block_v=64, block_v=None,
                                num_warps=8, num_stages=2, scores_kernel=True, scores_warps=4, state_warps=4,
                                state_stages=4, dstate_warps=4, dstate_stages=4)
