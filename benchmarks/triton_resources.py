@@ -10,7 +10,7 @@
 Prints a table (kernel, warps, stages, registers per thread, spill stores / loads in bytes, shared memory, static
 SASS instructions from cuobjdump: a size, not a count of what runs, since loops run many times) and
 writes ``triton_resources.json`` to --out (``benchmarks/results/triton_resources_sm90.{txt,json}``: the defaults of
-2026-12-03, commit 53485f3). At 255 registers a program of 8 warps takes the whole register file of an SM (one
+2026-12-03, commit 2c2221f). At 255 registers a program of 8 warps takes the whole register file of an SM (one
 program per SM); spills go to local memory. The sizes are those of a short sequence: the kernels' tiles do not
 depend on its length. A proxy, not a timing: XLA compiles these kernels with its own Triton build, whose passes may
 allocate otherwise.

@@ -243,7 +243,6 @@ def backward_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, dstate_ref, dout_re
     def _():
         dlast = jnp.zeros_like(last)
         n_sub = chunk // sub
-        state, dstate = state_ref[...].astype(dtype), dstate_ref[...].astype(dtype)
         # Tiles are read from their refs where they are used (no whole-chunk tile stays live across sub-chunks), and
         # the products with earlier / later sub-chunks take only the rows those need, rounded up to a power of two.
         for m in range(n_sub):

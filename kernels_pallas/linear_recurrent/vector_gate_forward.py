@@ -19,9 +19,10 @@ lies between them; inside the sub-chunk one factor exceeds 1, by at most ``exp(s
 |cum_t - r| over the sub-chunk's rows. When span <= ``FACTORED_SPAN`` the factors stay far inside the float32 /
 bfloat16 range (both reach e^88) and the sub-chunk's rows take one masked matmul (``lax.cond``, per sub-chunk);
 otherwise (on average a gate below e^(-60 / sub) a step in some dimension) they take the column loop. For bf16
-inputs the diagonal block's factors are then rounded to bf16 like the other blocks' operands. The GPU's scores
-kernel first tries the whole chunk the same way (``chunk_midpoint``): referenced to the midpoint of the chunk's
-gates, A is one masked matmul when they span at most ``FACTORED_SPAN`` nats (both factors at most e^30).
+inputs the diagonal block's factors are then rounded to bf16 like the other blocks' operands. Before the sub-chunks,
+every kernel tries the whole chunk the same way (``chunk_midpoint``, ``whole_chunk_scores``): referenced to the
+midpoint of the chunk's gates, A is one masked matmul when they span at most ``FACTORED_SPAN`` nats (both factors
+at most e^30), the rule for the paper's gates.
 
 ``dot(a, b, trans_a, trans_b)`` accumulates in float32 (float64 for float64); matmul operands are cast to the input
 dtype first, so bf16 inputs run bf16 matmuls while the state, gates and accumulations stay float32.
