@@ -31,7 +31,6 @@ from jax.experimental import pallas as pl
 
 from kernels_pallas.linear_recurrent.vector_gate_forward import (
     FACTORED_SPAN,
-    chunk_midpoint,
     earlier_keys,
     exp,
     lower_triangle,
@@ -39,6 +38,7 @@ from kernels_pallas.linear_recurrent.vector_gate_forward import (
     masked_decay,
     pow2_at_least,
     span,
+    whole_chunk_or_sub_chunks,
     whole_chunk_scores,
 )
 
@@ -165,16 +165,13 @@ def sub_chunk_intra_gradients(q_ref, k_ref, cum_ref, dscores_ref, dscores_t_ref,
 
 def intra_gradients_kernel(q_ref, k_ref, cum_ref, dscores_ref, dscores_t_ref, dq_ref, dk_ref, *, sub):
     """The terms of dq and dk from inside one chunk ([C, dk] each; inputs as ``sub_chunk_intra_gradients``). Where
-    the chunk's gates span at most ``FACTORED_SPAN`` nats (``chunk_midpoint``), two matmuls referenced to their
-    midpoint: dq = exp(cum - mid) * (dA (k exp(mid - cum))), dk = exp(mid - cum) * (dA^T (q exp(cum - mid)));
-    otherwise sub-chunk by sub-chunk."""
+    the chunk's gates span at most ``FACTORED_SPAN`` nats, two matmuls referenced to their midpoint mid
+    (``whole_chunk_or_sub_chunks``): dq = exp(cum - mid) * (dA (k exp(mid - cum))) and
+    dk = exp(mid - cum) * (dA^T (q exp(cum - mid))); otherwise sub-chunk by sub-chunk."""
     chunk = q_ref.shape[0]
     dtype = q_ref.dtype
-    mid, width = chunk_midpoint(cum_ref)
-    whole = width <= FACTORED_SPAN
 
-    @pl.when(whole)
-    def _():
+    def whole_chunk(mid):
         dot = make_dot(dtype)
         cum = cum_ref[...]
         up, down = exp(cum - mid), exp(mid - cum)
@@ -183,13 +180,14 @@ def intra_gradients_kernel(q_ref, k_ref, cum_ref, dscores_ref, dscores_t_ref, dq
         dk_ref[...] = (down * dot(dscores_t_ref[...].astype(dtype), (q_ref[...] * up).astype(dtype))).astype(
             dk_ref.dtype)
 
-    @pl.when(jnp.logical_not(whole))
-    def _():
+    def by_sub_chunks():
         @pl.loop(0, chunk, step=sub)
         def _(start):
             dq, dk = sub_chunk_intra_gradients(q_ref, k_ref, cum_ref, dscores_ref, dscores_t_ref, start, sub)
             dq_ref[pl.ds(start, sub), :] = dq.astype(dq_ref.dtype)
             dk_ref[pl.ds(start, sub), :] = dk.astype(dk_ref.dtype)
+
+    whole_chunk_or_sub_chunks(cum_ref, whole_chunk, by_sub_chunks)
 
 
 def inter_gradients_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, dstate_ref, dout_ref, scores_ref,
@@ -225,11 +223,8 @@ def backward_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, dstate_ref, dout_re
     dot = make_dot(dtype)
     last = cum_ref[pl.ds(chunk - 1, 1), :]
     state, dstate = state_ref[...].astype(dtype), dstate_ref[...].astype(dtype)
-    mid, width = chunk_midpoint(cum_ref)
-    whole = width <= FACTORED_SPAN
 
-    @pl.when(whole)
-    def _():
+    def whole_chunk(mid):
         q, k, v, dout, cum = (r[...] for r in (q_ref, k_ref, v_ref, dout_ref, cum_ref))
         dq, dk, dv, dlast = through_states(k, v, dout, cum, last, state, dstate, dot)
         scores, up, down, q_up, k_down = whole_chunk_scores(q, k, cum, mid, dot)
@@ -239,8 +234,7 @@ def backward_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, dstate_ref, dout_re
         dv += dot(scores.astype(dtype), dout, trans_a=True)
         write_rows((dq_ref, dk_ref, dv_ref, dcum_ref), pl.ds(0, chunk), q, k, dq, dk, dv, dlast, (last, state, dstate))
 
-    @pl.when(jnp.logical_not(whole))
-    def _():
+    def by_sub_chunks():
         dlast = jnp.zeros_like(last)
         n_sub = chunk // sub
         # Tiles are read from their refs where they are used (no whole-chunk tile stays live across sub-chunks), and
@@ -305,3 +299,5 @@ def backward_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, dstate_ref, dout_re
             dq_intra, dk_intra, dv_intra = lax.cond(widest <= FACTORED_SPAN, factored, looped)
             write_rows((dq_ref, dk_ref, dv_ref, dcum_ref), rows, q_sub, k_sub, dq + dq_intra, dk + dk_intra,
                        dv + dv_intra, dlast, (last, state, dstate) if m == n_sub - 1 else None)
+
+    whole_chunk_or_sub_chunks(cum_ref, whole_chunk, by_sub_chunks)

@@ -20,9 +20,9 @@ lies between them; inside the sub-chunk one factor exceeds 1, by at most ``exp(s
 bfloat16 range (both reach e^88) and the sub-chunk's rows take one masked matmul (``lax.cond``, per sub-chunk);
 otherwise (on average a gate below e^(-60 / sub) a step in some dimension) they take the column loop. For bf16
 inputs the diagonal block's factors are then rounded to bf16 like the other blocks' operands. Before the sub-chunks,
-every kernel tries the whole chunk the same way (``chunk_midpoint``, ``whole_chunk_scores``): referenced to the
-midpoint of the chunk's gates, A is one masked matmul when they span at most ``FACTORED_SPAN`` nats (both factors
-at most e^30), the rule for the paper's gates.
+every kernel tries the whole chunk the same way (``whole_chunk_or_sub_chunks``, ``whole_chunk_scores``):
+referenced to the midpoint of the chunk's gates, A is one masked matmul when they span at most ``FACTORED_SPAN``
+nats (both factors at most e^30), the rule for the paper's gates.
 
 ``dot(a, b, trans_a, trans_b)`` accumulates in float32 (float64 for float64); matmul operands are cast to the input
 dtype first, so bf16 inputs run bf16 matmuls while the state, gates and accumulations stay float32.
@@ -88,24 +88,20 @@ def pow2_at_least(n):
 
 def output_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, out_ref, *, sub):
     """One chunk's output for one dv block: q/k/cum [C, dk], v/out [C, bv], state [dk, bv] (entering the chunk).
-    When the chunk's gates span at most ``FACTORED_SPAN`` nats (``chunk_midpoint``), (q exp(cum)) S + A V with A
-    from ``whole_chunk_scores``; otherwise per sub-chunk, referenced to the step before it: one masked matmul over
-    the steps up to its end when its span allows, else over the earlier sub-chunks plus ``diagonal_scores``."""
+    When the chunk's gates span at most ``FACTORED_SPAN`` nats, (q exp(cum)) S + A V with A from
+    ``whole_chunk_scores``; otherwise per sub-chunk, referenced to the step before it: one masked matmul over the
+    steps up to its end when its span allows, else over the earlier sub-chunks plus ``diagonal_scores``."""
     chunk = q_ref.shape[0]
     dtype = q_ref.dtype
     dot = make_dot(dtype)
-    mid, width = chunk_midpoint(cum_ref)
-    whole = width <= FACTORED_SPAN
 
-    @pl.when(whole)
-    def _():
+    def whole_chunk(mid):
         q, cum = q_ref[...], cum_ref[...]
         scores = whole_chunk_scores(q, k_ref[...], cum, mid, dot)[0]
         out = dot((q * exp(cum)).astype(dtype), state_ref[...].astype(dtype))
         out_ref[...] = (out + dot(scores.astype(dtype), v_ref[...])).astype(out_ref.dtype)
 
-    @pl.when(jnp.logical_not(whole))
-    def _():
+    def by_sub_chunks():
         # k, v and cum are read where used, only the rows that the earlier sub-chunks need: whole-chunk tiles held
         # across the sub-chunks spilled registers (benchmarks/triton_resources.py).
         state = state_ref[...].astype(dtype)
@@ -139,19 +135,24 @@ def output_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, out_ref, *, sub):
             out += lax.cond(span(cum_sub, ref_row) <= FACTORED_SPAN, factored, looped)
             out_ref[rows, :] = out.astype(out_ref.dtype)
 
+    whole_chunk_or_sub_chunks(cum_ref, whole_chunk, by_sub_chunks)
 
-def chunk_midpoint(cum_ref):
-    """(mid [1, dk], width): per dimension the midpoint of the chunk's cumulative gates, which fall from the first
-    row to the last, and the widest of those ranges. exp(cum_t - mid) and exp(mid - cum_s) are at most
-    exp(width / 2) for any t and s of the chunk."""
+
+def whole_chunk_or_sub_chunks(cum_ref, whole_chunk, by_sub_chunks):
+    """Runs ``whole_chunk(mid)`` when the chunk's gates span at most ``FACTORED_SPAN`` nats in every dimension, else
+    ``by_sub_chunks()`` (``pl.when``, per program). mid [1, dk] is per dimension the midpoint of the chunk's
+    cumulative gates, which fall from the first row to the last: exp(cum_t - mid) and exp(mid - cum_s) are then at
+    most e^(FACTORED_SPAN / 2) for any t and s of the chunk."""
     first, last = cum_ref[pl.ds(0, 1), :], cum_ref[pl.ds(cum_ref.shape[0] - 1, 1), :]
-    return (first + last) / 2, span(first, last)
+    fits = span(first, last) <= FACTORED_SPAN
+    pl.when(fits)(lambda: whole_chunk((first + last) / 2))
+    pl.when(jnp.logical_not(fits))(by_sub_chunks)
 
 
 def whole_chunk_scores(q, k, cum, mid, dot):
-    """For a chunk whose gates span at most ``FACTORED_SPAN`` nats (``chunk_midpoint``): (A [C, C], zero above the
-    diagonal, up, down, q * up, k * down) with up = exp(cum - mid), down = exp(mid - cum), the products in q's
-    dtype: A_ts = (q_t * up_t) . (k_s * down_s) = sum_d q_td k_sd exp(cum_td - cum_sd)."""
+    """For a chunk whose gates span at most ``FACTORED_SPAN`` nats (``whole_chunk_or_sub_chunks``'s mid): (A [C, C],
+    zero above the diagonal, up, down, q * up, k * down) with up = exp(cum - mid), down = exp(mid - cum), the
+    products in q's dtype: A_ts = (q_t * up_t) . (k_s * down_s) = sum_d q_td k_sd exp(cum_td - cum_sd)."""
     up, down = exp(cum - mid), exp(mid - cum)
     q_up, k_down = (q * up).astype(q.dtype), (k * down).astype(k.dtype)
     return jnp.where(lower_triangle(q.shape[0]), dot(q_up, k_down, trans_b=True), 0.0), up, down, q_up, k_down
@@ -195,20 +196,18 @@ def scores_kernel(q_ref, k_ref, cum_ref, scores_ref, *, sub):
     by sub-chunk (``sub_chunk_scores``)."""
     chunk = q_ref.shape[0]
     dtype = q_ref.dtype
-    mid, width = chunk_midpoint(cum_ref)
-    whole = width <= FACTORED_SPAN
 
-    @pl.when(whole)
-    def _():
+    def whole_chunk(mid):
         scores = whole_chunk_scores(q_ref[...], k_ref[...], cum_ref[...], mid, make_dot(dtype))[0]
         scores_ref[...] = scores.astype(scores_ref.dtype)
 
-    @pl.when(jnp.logical_not(whole))
-    def _():
+    def by_sub_chunks():
         @pl.loop(0, chunk, step=sub)
         def _(start):
             scores_ref[pl.ds(start, sub), :] = sub_chunk_scores(q_ref, k_ref, cum_ref, start, sub).astype(
                 scores_ref.dtype)
+
+    whole_chunk_or_sub_chunks(cum_ref, whole_chunk, by_sub_chunks)
 
 
 def output_from_scores_kernel(q_ref, v_ref, cum_ref, state_ref, scores_ref, out_ref):
