@@ -31,15 +31,16 @@ from jax.experimental import pallas as pl
 
 from kernels_pallas.linear_recurrent.vector_gate_forward import (
     FACTORED_SPAN,
+    causal_product,
     earlier_keys,
     exp,
     lower_triangle,
     make_dot,
     masked_decay,
+    midpoint_factors,
     pow2_at_least,
     span,
     whole_chunk_or_sub_chunks,
-    whole_chunk_scores,
 )
 
 
@@ -174,6 +175,8 @@ def intra_gradients_kernel(q_ref, k_ref, cum_ref, dscores_ref, dscores_t_ref, dq
     def whole_chunk(mid):
         dot = make_dot(dtype)
         cum = cum_ref[...]
+        # midpoint_factors' factors, each product formed where it is used: Triton then stages one operand at a
+        # time (32 KB of shared memory against 48).
         up, down = exp(cum - mid), exp(mid - cum)
         dq_ref[...] = (up * dot(dscores_ref[...].astype(dtype), (k_ref[...] * down).astype(dtype))).astype(
             dq_ref.dtype)
@@ -214,10 +217,10 @@ def backward_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, dstate_ref, dout_re
                     dq_ref, dk_ref, dv_ref, dcum_ref, *, sub):
     """One chunk, one dv block: dq, dk and dcum are this block's partials (summed over dv blocks by the caller),
     dv is exact. q/k/cum/dq/dk/dcum [C, dk], v/dout/dv [C, bv], state/dstate [dk, bv]. The terms through the
-    states, then those from inside the chunk: when the chunk's gates span at most ``FACTORED_SPAN`` nats, whole-chunk
-    matmuls with A from ``whole_chunk_scores`` (as ``intra_gradients_kernel``); otherwise per sub-chunk, factored as
-    in ``sub_chunk_intra_gradients`` when the sub-chunk's span allows, else from the earlier and later sub-chunks
-    plus ``diagonal_backward``."""
+    states, then those from inside the chunk: when the chunk's gates span at most ``FACTORED_SPAN`` nats,
+    whole-chunk matmuls referenced to their midpoint (``midpoint_factors``, as ``intra_gradients_kernel``);
+    otherwise per sub-chunk, factored as in ``sub_chunk_intra_gradients`` when the sub-chunk's span allows, else
+    from the earlier and later sub-chunks plus ``diagonal_backward``."""
     chunk = q_ref.shape[0]
     dtype = q_ref.dtype
     dot = make_dot(dtype)
@@ -227,11 +230,11 @@ def backward_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, dstate_ref, dout_re
     def whole_chunk(mid):
         q, k, v, dout, cum = (r[...] for r in (q_ref, k_ref, v_ref, dout_ref, cum_ref))
         dq, dk, dv, dlast = through_states(k, v, dout, cum, last, state, dstate, dot)
-        scores, up, down, q_up, k_down = whole_chunk_scores(q, k, cum, mid, dot)
-        dscores = jnp.where(lower_triangle(chunk), dot(dout, v, trans_b=True), 0.0).astype(dtype)
+        up, down, q_up, k_down = midpoint_factors(q, k, cum, mid)
+        dscores = causal_product(dout, v, dot).astype(dtype)
         dq += up * dot(dscores, k_down)
         dk += down * dot(dscores, q_up, trans_a=True)
-        dv += dot(scores.astype(dtype), dout, trans_a=True)
+        dv += dot(causal_product(q_up, k_down, dot).astype(dtype), dout, trans_a=True)
         write_rows((dq_ref, dk_ref, dv_ref, dcum_ref), pl.ds(0, chunk), q, k, dq, dk, dv, dlast, (last, state, dstate))
 
     def by_sub_chunks():

@@ -20,7 +20,7 @@ lies between them; inside the sub-chunk one factor exceeds 1, by at most ``exp(s
 bfloat16 range (both reach e^88) and the sub-chunk's rows take one masked matmul (``lax.cond``, per sub-chunk);
 otherwise (on average a gate below e^(-60 / sub) a step in some dimension) they take the column loop. For bf16
 inputs the diagonal block's factors are then rounded to bf16 like the other blocks' operands. Before the sub-chunks,
-every kernel tries the whole chunk the same way (``whole_chunk_or_sub_chunks``, ``whole_chunk_scores``):
+every kernel tries the whole chunk the same way (``whole_chunk_or_sub_chunks``, ``midpoint_factors``):
 referenced to the midpoint of the chunk's gates, A is one masked matmul when they span at most ``FACTORED_SPAN``
 nats (both factors at most e^30), the rule for the paper's gates.
 
@@ -86,10 +86,39 @@ def pow2_at_least(n):
     return 1 << (n - 1).bit_length()
 
 
+def whole_chunk_or_sub_chunks(cum_ref, whole_chunk, by_sub_chunks):
+    """Runs ``whole_chunk(mid)`` when the chunk's gates span at most ``FACTORED_SPAN`` nats in every dimension, else
+    ``by_sub_chunks()`` (``pl.when``, per program). mid [1, dk] is per dimension the midpoint of the chunk's
+    cumulative gates, which fall from the first row to the last: exp(cum_t - mid) and exp(mid - cum_s) are then at
+    most e^(FACTORED_SPAN / 2) for any t and s of the chunk."""
+    first, last = cum_ref[pl.ds(0, 1), :], cum_ref[pl.ds(cum_ref.shape[0] - 1, 1), :]
+    fits = span(first, last) <= FACTORED_SPAN
+    pl.when(fits)(lambda: whole_chunk((first + last) / 2))
+    pl.when(jnp.logical_not(fits))(by_sub_chunks)
+
+
+def midpoint_factors(q, k, cum, mid):
+    """(up, down, q * up, k * down) with up = exp(cum - mid), down = exp(mid - cum), the products in the inputs'
+    dtypes. With ``whole_chunk_or_sub_chunks``'s mid, A_ts = (q_t * up_t) . (k_s * down_s) = sum_d q_td k_sd
+    exp(cum_td - cum_sd), each factor at most e^(FACTORED_SPAN / 2)."""
+    up, down = exp(cum - mid), exp(mid - cum)
+    return up, down, (q * up).astype(q.dtype), (k * down).astype(k.dtype)
+
+
+def causal_product(a, b, dot):
+    """a b^T [C, C] on and below the diagonal (s <= t), zero above."""
+    return jnp.where(lower_triangle(a.shape[0]), dot(a, b, trans_b=True), 0.0)
+
+
+def lower_triangle(n):
+    """[n, n] bool: True on and below the diagonal (s <= t)."""
+    return lax.broadcasted_iota(jnp.int32, (n, n), 1) <= lax.broadcasted_iota(jnp.int32, (n, n), 0)
+
+
 def output_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, out_ref, *, sub):
     """One chunk's output for one dv block: q/k/cum [C, dk], v/out [C, bv], state [dk, bv] (entering the chunk).
-    When the chunk's gates span at most ``FACTORED_SPAN`` nats, (q exp(cum)) S + A V with A from
-    ``whole_chunk_scores``; otherwise per sub-chunk, referenced to the step before it: one masked matmul over the
+    When the chunk's gates span at most ``FACTORED_SPAN`` nats, (q exp(cum)) S + A V with A one matmul
+    (``midpoint_factors``); otherwise per sub-chunk, referenced to the step before it: one masked matmul over the
     steps up to its end when its span allows, else over the earlier sub-chunks plus ``diagonal_scores``."""
     chunk = q_ref.shape[0]
     dtype = q_ref.dtype
@@ -97,7 +126,8 @@ def output_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, out_ref, *, sub):
 
     def whole_chunk(mid):
         q, cum = q_ref[...], cum_ref[...]
-        scores = whole_chunk_scores(q, k_ref[...], cum, mid, dot)[0]
+        _, _, q_up, k_down = midpoint_factors(q, k_ref[...], cum, mid)
+        scores = causal_product(q_up, k_down, dot)
         out = dot((q * exp(cum)).astype(dtype), state_ref[...].astype(dtype))
         out_ref[...] = (out + dot(scores.astype(dtype), v_ref[...])).astype(out_ref.dtype)
 
@@ -138,31 +168,6 @@ def output_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, out_ref, *, sub):
     whole_chunk_or_sub_chunks(cum_ref, whole_chunk, by_sub_chunks)
 
 
-def whole_chunk_or_sub_chunks(cum_ref, whole_chunk, by_sub_chunks):
-    """Runs ``whole_chunk(mid)`` when the chunk's gates span at most ``FACTORED_SPAN`` nats in every dimension, else
-    ``by_sub_chunks()`` (``pl.when``, per program). mid [1, dk] is per dimension the midpoint of the chunk's
-    cumulative gates, which fall from the first row to the last: exp(cum_t - mid) and exp(mid - cum_s) are then at
-    most e^(FACTORED_SPAN / 2) for any t and s of the chunk."""
-    first, last = cum_ref[pl.ds(0, 1), :], cum_ref[pl.ds(cum_ref.shape[0] - 1, 1), :]
-    fits = span(first, last) <= FACTORED_SPAN
-    pl.when(fits)(lambda: whole_chunk((first + last) / 2))
-    pl.when(jnp.logical_not(fits))(by_sub_chunks)
-
-
-def whole_chunk_scores(q, k, cum, mid, dot):
-    """For a chunk whose gates span at most ``FACTORED_SPAN`` nats (``whole_chunk_or_sub_chunks``'s mid): (A [C, C],
-    zero above the diagonal, up, down, q * up, k * down) with up = exp(cum - mid), down = exp(mid - cum), the
-    products in q's dtype: A_ts = (q_t * up_t) . (k_s * down_s) = sum_d q_td k_sd exp(cum_td - cum_sd)."""
-    up, down = exp(cum - mid), exp(mid - cum)
-    q_up, k_down = (q * up).astype(q.dtype), (k * down).astype(k.dtype)
-    return jnp.where(lower_triangle(q.shape[0]), dot(q_up, k_down, trans_b=True), 0.0), up, down, q_up, k_down
-
-
-def lower_triangle(n):
-    """[n, n] bool: True on and below the diagonal (s <= t)."""
-    return lax.broadcasted_iota(jnp.int32, (n, n), 1) <= lax.broadcasted_iota(jnp.int32, (n, n), 0)
-
-
 def sub_chunk_scores(q_ref, k_ref, cum_ref, start, sub):
     """The scores A [sub, C] of the rows [start, start + sub), q/k/cum the whole chunk [C, dk]: one masked matmul
     referenced to the step before the sub-chunk, over the earlier sub-chunks and, when the sub-chunk's span allows
@@ -191,15 +196,15 @@ def sub_chunk_scores(q_ref, k_ref, cum_ref, start, sub):
 def scores_kernel(q_ref, k_ref, cum_ref, scores_ref, *, sub):
     """The intra-chunk scores A [C, C] of one chunk (``VectorGateConfig.scores_kernel``, GPU), q/k/cum [C, dk].
     Where the chunk's gates span at most ``FACTORED_SPAN`` nats in every dimension (gates above ~e^(-60 / C) a
-    step on average), one masked matmul referenced to their midpoint, each factor at most e^(FACTORED_SPAN / 2)
-    (the masked products above the diagonal at most e^FACTORED_SPAN, as in a factored sub-chunk); otherwise sub-chunk
-    by sub-chunk (``sub_chunk_scores``)."""
+    step on average), one masked matmul referenced to their midpoint (``midpoint_factors``; the masked products
+    above the diagonal at most e^FACTORED_SPAN, as in a factored sub-chunk); otherwise sub-chunk by sub-chunk
+    (``sub_chunk_scores``)."""
     chunk = q_ref.shape[0]
     dtype = q_ref.dtype
 
     def whole_chunk(mid):
-        scores = whole_chunk_scores(q_ref[...], k_ref[...], cum_ref[...], mid, make_dot(dtype))[0]
-        scores_ref[...] = scores.astype(scores_ref.dtype)
+        _, _, q_up, k_down = midpoint_factors(q_ref[...], k_ref[...], cum_ref[...], mid)
+        scores_ref[...] = causal_product(q_up, k_down, make_dot(dtype)).astype(scores_ref.dtype)
 
     def by_sub_chunks():
         @pl.loop(0, chunk, step=sub)
